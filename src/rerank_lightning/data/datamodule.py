@@ -1,0 +1,98 @@
+"""`RerankDataModule`: training groups and validation candidate lists for Lightning."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from .candidates import CandidatePairs, collate_candidates, load_candidate_lists
+from .formatting import DEFAULT_PROMPT
+from .instruction import DataArguments, RerankCollator, TrainDatasetForReranker
+from .sampling import GroupSampler
+
+
+class RerankDataModule(L.LightningDataModule):
+    """Owns loading, group sampling and collation; `batch_size` counts queries (groups) per device."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        train_data: str | Sequence[str],
+        val_data: str | None = None,
+        train_group_size: int = 8,
+        query_max_len: int = 32,
+        passage_max_len: int = 128,
+        query_instruction: str = "A: ",
+        passage_instruction: str = "B: ",
+        prompt: str | None = None,
+        max_example_num_per_dataset: int | None = None,
+        max_val_queries: int | None = None,
+        batch_size: int = 1,
+        val_batch_size: int = 16,
+        num_workers: int = 0,
+        padding_side: str = "left",
+        pad_to_multiple_of: int | None = 8,
+        seed: int = 42,
+        on_error: str = "raise",
+    ):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.args = DataArguments(
+            train_data=train_data,
+            train_group_size=train_group_size,
+            query_max_len=query_max_len,
+            passage_max_len=passage_max_len,
+            query_instruction_for_retrieval=query_instruction,
+            passage_instruction_for_retrieval=passage_instruction,
+            max_example_num_per_dataset=max_example_num_per_dataset,
+            prompt=prompt or DEFAULT_PROMPT,
+            seed=seed,
+            on_error=on_error,
+            padding_side=padding_side,
+            pad_to_multiple_of=pad_to_multiple_of,
+        )
+        self.formatter = self.args.formatter(tokenizer)  # validates lengths and Yes/No tokens now
+        self.collator = RerankCollator(tokenizer, query_max_len, passage_max_len, pad_to_multiple_of, padding_side)
+        self.val_data, self.max_val_queries = val_data, max_val_queries
+        self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
+        self.train_set: TrainDatasetForReranker | None = None
+        self.val_set: CandidatePairs | None = None
+        self._resume: dict[str, int] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = TrainDatasetForReranker(self.args, self.tokenizer, self.formatter)
+        if stage in (None, "fit", "validate") and self.val_set is None and self.val_data:
+            lists = load_candidate_lists(self.val_data, self.max_val_queries)
+            self.val_set = CandidatePairs(lists, self.formatter)
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = GroupSampler(len(self.train_set), seed=self.args.seed)
+        if self._resume:
+            # Mid-epoch resume: skip what this rank already consumed so batches match an uninterrupted run.
+            sampler.set_epoch(self._resume["epoch"])
+            sampler.skip = min(self._resume["batches"] * self.batch_size, sampler.per_rank)
+            self._resume = {}
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
+                          collate_fn=self.collator, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            return []
+        collate = functools.partial(collate_candidates, collate_pairs=self.collator)
+        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False,
+                          collate_fn=collate, num_workers=self.num_workers)
+
+    def state_dict(self) -> dict[str, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        return {"epoch": trainer.current_epoch, "batches": int(done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = dict(state) if state else {}

@@ -1,0 +1,1 @@
+"""Evaluation utilities for reranking (ranking metrics)."""

@@ -1,0 +1,139 @@
+"""`RerankerModule`: the training step, validation on candidate lists, optimiser and checkpoints."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..eval.metrics import ranking_metrics
+from .backbone import apply_lora, load_causal_lm
+from .losses import distillation, listwise_ce, pointwise_ce
+from .scoring import answer_logits, score_positions
+
+OBJECTIVES = ("listwise", "pointwise")
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+class RerankerModule(L.LightningModule):
+    """Scores pairs by the "Yes" logit at the answer position and trains them with SPEC 6 objectives.
+
+    model: a `conf/model` block (weights, dtype, LoRA, gradient checkpointing).
+    optim: lr, weight_decay, betas, warmup (fraction of total steps if < 1, else steps).
+    loss: objective (listwise | pointwise), distill_weight, temperature.
+    metrics: k, relevance_threshold, monitor.
+    """
+
+    def __init__(self, model: Mapping[str, Any], yes_token_id: int, no_token_id: int, vocab_size: int,
+                 optim: Mapping[str, Any] | None = None, loss: Mapping[str, Any] | None = None,
+                 metrics: Mapping[str, Any] | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_cfg = _plain(model)
+        self.optim_cfg = {"lr": 1e-4, "weight_decay": 0.0, "betas": (0.9, 0.999), "warmup": 0.1, **(_plain(optim) or {})}
+        self.loss_cfg = {"objective": "listwise", "distill_weight": 1.0, "temperature": 1.0, **(_plain(loss) or {})}
+        self.metric_cfg = {"k": 10, "relevance_threshold": 1, **(_plain(metrics) or {})}
+        if self.loss_cfg["objective"] not in OBJECTIVES:
+            raise ValueError(f"loss.objective must be one of {OBJECTIVES}, got {self.loss_cfg['objective']!r}")
+        self.yes_id, self.no_id = yes_token_id, no_token_id
+        self.lm: torch.nn.Module | None = None
+        self._val_outputs: list[torch.Tensor] = []
+        self.last_validated_step: int | None = None
+        # With LoRA, checkpoints keep only trainable weights; the frozen base comes from `model`.
+        self.strict_loading = not (self.model_cfg.get("lora") or {}).get("enabled", False)
+
+    def configure_model(self) -> None:
+        """Build the LM once (Lightning calls this inside the strategy's context, e.g. FSDP)."""
+        if self.lm is not None:
+            return
+        lm = load_causal_lm(self.model_cfg, self.hparams.vocab_size)
+        if self.model_cfg.get("gradient_checkpointing"):
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lora = self.model_cfg.get("lora") or {}
+        if lora.get("enabled"):
+            lm = apply_lora(lm, lora)
+        self.lm = lm
+
+    def score_logits(self, pair: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """[N, V] logits of the answer token for each row of a collated `pair`."""
+        positions = score_positions(pair["attention_mask"], pair.get("labels"))
+        return answer_logits(self.lm, pair["input_ids"], pair["attention_mask"], positions)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        pair = batch["pair"]
+        logits = self.score_logits(pair)
+        scores = logits[:, self.yes_id].float().view(-1, batch["group_size"])  # real B, never a configured one
+        if self.loss_cfg["objective"] == "listwise":
+            loss = listwise_ce(scores)
+        else:
+            labels = pair["labels"]
+            label_ids = labels.gather(1, (score_positions(pair["attention_mask"], labels) + 1)[:, None])[:, 0]
+            loss = pointwise_ce(logits, label_ids)
+        self.log(f"train/{self.loss_cfg['objective']}_loss", loss, batch_size=scores.shape[0])
+        if self.loss_cfg["distill_weight"] and "teacher_scores" in batch:
+            kd = distillation(batch["teacher_scores"], scores, self.loss_cfg["temperature"])
+            self.log("train/distill_loss", kd, batch_size=scores.shape[0])
+            loss = loss + self.loss_cfg["distill_weight"] * kd
+        self.log("train/loss", loss, prog_bar=True, batch_size=scores.shape[0])
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
+        return loss
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        scores = self.score_logits(batch["pair"])[:, self.yes_id].float()
+        keys = [batch[k].float() for k in ("query_index", "candidate_index", "label", "tie_order")]
+        self._val_outputs.append(torch.stack([*keys, scores], dim=1))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_outputs:
+            return
+        rows = torch.cat(self._val_outputs)
+        self._val_outputs.clear()
+        rows = self.all_gather(rows).reshape(-1, rows.shape[-1])  # every rank sees all queries
+        metrics = self.candidate_metrics(rows)
+        if not self.trainer.sanity_checking:
+            self.last_validated_step = self.trainer.global_step
+        self.log_dict({f"val/{name}": value for name, value in metrics.items()}, prog_bar=True, sync_dist=False)
+
+    def candidate_metrics(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Mean metrics from (query, candidate, label, tie order, score) rows; duplicates collapse."""
+        qi, ci = rows[:, 0].long(), rows[:, 1].long()
+        shape = (int(qi.max()) + 1, int(ci.max()) + 1)
+        grid = {name: torch.zeros(shape, device=rows.device) for name in ("label", "tie", "score")}
+        mask = torch.zeros(shape, dtype=torch.bool, device=rows.device)
+        for col, name in zip((2, 3, 4), ("label", "tie", "score")):
+            grid[name][qi, ci] = rows[:, col]
+        mask[qi, ci] = True
+        per_query = ranking_metrics(grid["score"], grid["label"], mask, k=self.metric_cfg["k"],
+                                    relevance_threshold=self.metric_cfg["relevance_threshold"],
+                                    tie_order=grid["tie"].long())
+        return {name: values.mean() for name, values in per_query.items()}
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optim_cfg
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg["lr"], betas=tuple(cfg["betas"]),
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = int(cfg["warmup"] * total) if cfg["warmup"] < 1 else int(cfg["warmup"])
+
+        def linear_warmup_decay(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self.strict_loading:  # LoRA: keep the adapter, drop the frozen base weights
+            trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}

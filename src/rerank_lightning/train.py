@@ -1,0 +1,81 @@
+"""`train(cfg)`: instantiate data, model, loggers, callbacks and trainer from a Hydra config; fit; export."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from .data import RerankDataModule
+from .inference import export_reranker
+from .model import RerankerModule, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate_all(group: DictConfig | None) -> list[Any]:
+    """Every `_target_` entry of a config group such as `logger` or `callbacks` (None entries skipped)."""
+    if not group:
+        return []
+    return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def build(cfg: DictConfig) -> tuple[RerankDataModule, RerankerModule, L.Trainer]:
+    """The three objects of a run, without running anything."""
+    L.seed_everything(cfg.seed, workers=True)
+    tokenizer = load_tokenizer(cfg.model)  # fails fast if the weights are not available
+    datamodule: RerankDataModule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all")
+    fmt = datamodule.formatter
+    module = RerankerModule(
+        model=cfg.model, yes_token_id=fmt.yes_id, no_token_id=fmt.no_id, vocab_size=len(tokenizer),
+        optim=cfg.optim, loss=cfg.loss, metrics=cfg.metrics,
+    )
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=_instantiate_all(cfg.get("logger")) or False,
+        callbacks=_instantiate_all(cfg.get("callbacks")),
+    )
+    return datamodule, module, trainer
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Fit with validation before and after, export, and return `cfg.optimized_metric` for sweepers."""
+    log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    datamodule, module, trainer = build(cfg)
+    has_val = bool(datamodule.val_data)
+    if has_val and cfg.validate_before_training and not cfg.ckpt_path:
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # the step-0 baseline
+        before = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    else:
+        before = {}
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    if has_val and getattr(module, "last_validated_step", None) != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    after = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+
+    export_dir = None
+    if cfg.export.enabled and trainer.is_global_zero:
+        export_dir = export_reranker(module.lm, datamodule.formatter, cfg.export.dir)
+    _summary(cfg, trainer, before, after, export_dir)
+    metric = after.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
+    return metric
+
+
+def _summary(cfg: DictConfig, trainer: L.Trainer, before: dict, after: dict, export_dir: Path | None) -> None:
+    if not trainer.is_global_zero:
+        return
+    lines = [f"finished {trainer.global_step} optimizer steps"]
+    for name in sorted(after):
+        start = f"{before[name]:.4f} at step 0 -> " if name in before else ""
+        lines.append(f"  {name}: {start}{after[name]:.4f} at step {trainer.global_step}")
+    ckpt = trainer.checkpoint_callback
+    if ckpt is not None and ckpt.last_model_path:
+        lines.append(f"checkpoint: {ckpt.last_model_path}")
+    if export_dir is not None:
+        lines.append(f"exported model: {export_dir}")
+    for logger in trainer.loggers:
+        lines.append(f"{type(logger).__name__} logs: {getattr(logger, 'log_dir', None) or logger.save_dir}")
+    print("\n".join(lines), flush=True)
