@@ -114,15 +114,29 @@ def parse_record(obj: Any, need_negatives: bool) -> TrainRecord:
     return TrainRecord(query, pos, neg, pos_scores, neg_scores, prompt)
 
 
+def _list_items(text: str) -> Iterable[tuple[int, Any]]:
+    """(line where it starts, object) for each element of a valid JSON list."""
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    while True:
+        while text[pos] in " \t\r\n,":
+            pos += 1
+        if text[pos] == "]":
+            return
+        obj, end = decoder.raw_decode(text, pos)
+        yield text.count("\n", 0, pos) + 1, obj
+        pos = end
+
+
 def _lines(path: Path) -> Iterable[tuple[int, Any]]:
     """(line number, decoded object) for JSONL, or for a .json file holding a list."""
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
-            items = json.loads(text)
+            json.loads(text)
         except json.JSONDecodeError as err:
             raise DataFormatError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
-        yield from ((i, obj) for i, obj in enumerate(items, start=1))
+        yield from _list_items(text)
         return
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

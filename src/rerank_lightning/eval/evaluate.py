@@ -1,0 +1,54 @@
+"""Evaluate an exported reranker on candidate lists (SPEC 8):
+`python -m rerank_lightning.eval.evaluate EXPORT_DIR CANDIDATES.jsonl [--k 10] [--relevance-threshold 1]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Sequence
+
+import torch
+
+from ..data.candidates import CandidateList, load_candidate_lists
+from .metrics import docid_tie_order, ranking_metrics
+
+
+def evaluate(reranker, lists: Sequence[CandidateList], k: int = 10, relevance_threshold: float = 1,
+             progress: bool | None = None) -> dict[str, float]:
+    """Mean MRR@k, nDCG@k and MAP of `reranker.score` over the candidate lists."""
+    pairs = [(cl.query, text) for cl in lists for text in cl.texts]
+    flat = reranker.score(pairs, progress=progress)
+    width = max(len(cl.texts) for cl in lists)
+    scores = torch.zeros(len(lists), width)
+    labels = torch.zeros(len(lists), width)
+    mask = torch.zeros(len(lists), width, dtype=torch.bool)
+    start = 0
+    for i, cl in enumerate(lists):  # unflattening; the metrics themselves are vectorised
+        n = len(cl.texts)
+        scores[i, :n] = torch.tensor(flat[start : start + n])
+        labels[i, :n] = torch.tensor(cl.labels, dtype=torch.float)
+        mask[i, :n] = True
+        start += n
+    tie = docid_tie_order([list(cl.docids) for cl in lists], width)
+    per_query = ranking_metrics(scores, labels, mask, k=k, relevance_threshold=relevance_threshold, tie_order=tie)
+    return {name: float(v.mean()) for name, v in per_query.items()}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from ..inference import Reranker
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir")
+    parser.add_argument("candidates")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--relevance-threshold", type=float, default=1)
+    parser.add_argument("--max-queries", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args(argv)
+    reranker = Reranker.from_pretrained(args.model_dir, batch_size=args.batch_size)
+    lists = load_candidate_lists(args.candidates, args.max_queries)
+    print(json.dumps(evaluate(reranker, lists, args.k, args.relevance_threshold, progress=True), indent=2))
+
+
+if __name__ == "__main__":
+    main()

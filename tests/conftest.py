@@ -1,0 +1,49 @@
+"""Shared fixtures. Tests run offline, in fp32, on CPU."""
+
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+
+import pytest  # noqa: E402
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+TINY_MODEL = {
+    "name": "tiny",
+    "tokenizer": {"sentencepiece": "mistral_common:data/tokenizer.model.v1"},
+    "random_init": {
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+        "tie_word_embeddings": False,
+    },
+    "dtype": "float32",
+    "precision": "32-true",
+    "lora": {"enabled": False},
+}
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data beside the checkout (FlagEmbedding examples, WikiQA); never copied into the repo."""
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"{SHARED_DATA} is missing: the tests read real data from ../shared/data")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizer():
+    """Mistral-7B-v0.1's sentencepiece tokenizer, shipped by the mistral-common wheel (BOS=1, no pad)."""
+    from rerank_lightning.model import load_tokenizer
+
+    return load_tokenizer(TINY_MODEL)
+
+
+@pytest.fixture()
+def tiny_model_cfg() -> dict:
+    import copy
+
+    return copy.deepcopy(TINY_MODEL)
