@@ -77,5 +77,7 @@ def _summary(cfg: DictConfig, trainer: L.Trainer, before: dict, after: dict, exp
     if export_dir is not None:
         lines.append(f"exported model: {export_dir}")
     for logger in trainer.loggers:
-        lines.append(f"{type(logger).__name__} logs: {getattr(logger, 'log_dir', None) or logger.save_dir}")
+        # MLflow keeps its runs in a tracking store (a URI), the others in a folder
+        where = getattr(logger, "log_dir", None) or logger.save_dir or getattr(logger, "_tracking_uri", None)
+        lines.append(f"{type(logger).__name__} logs: {where}")
     print("\n".join(lines), flush=True)
