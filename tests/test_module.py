@@ -321,3 +321,41 @@ def test_lora_fit_resumes_from_checkpoint(lora_trained, mistral_tokenizer):
     # The adapter weights came back from the checkpoint (the base comes from the model config).
     for name, value in saved["state_dict"].items():
         torch.testing.assert_close(rec.start_params[name], value, atol=0, rtol=0)
+
+
+class BatchRecorder(L.Callback):
+    """(global step, input ids) of every training batch, to compare runs batch by batch."""
+
+    def __init__(self):
+        self.batches: list[tuple[int, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append((trainer.global_step, batch["pair"]["input_ids"].clone()))
+
+
+def test_resumed_run_sees_the_batches_of_an_uninterrupted_run(mistral_tokenizer, tmp_path):
+    """SPEC 2: stopping mid-epoch and resuming from the checkpoint trains on exactly the batches,
+    in the same order, that an uninterrupted run sees (Lightning alone would restart the epoch)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(max_steps, ckpt_path=None, save_every=None):
+        dm = make_datamodule(mistral_tokenizer, batch_size=2, max_records=10, max_val_queries=None)
+        dm.val_data = None  # training batches only
+        recorder = BatchRecorder()
+        callbacks = [recorder]
+        if save_every:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=save_every, save_top_k=-1,
+                                             filename="step{step}", auto_insert_metric_name=False))
+        trainer = make_trainer(max_steps, callbacks, enable_checkpointing=bool(save_every))
+        trainer.fit(make_module(dm, mistral_tokenizer), datamodule=dm, ckpt_path=ckpt_path)
+        return recorder.batches, trainer.global_step
+
+    # 10 records, 2 per batch: 5 steps per epoch; stop at step 3 (mid epoch 0) and at 7 (mid epoch 1)
+    full, _ = run(9)
+    for stop in (3, 7):
+        run(stop, save_every=stop)
+        resumed, final_step = run(9, ckpt_path=tmp_path / f"step{stop}.ckpt")
+        assert final_step == 9
+        assert [step for step, _ in resumed] == list(range(stop, 9))
+        for (step, ids), (full_step, full_ids) in zip(resumed, full[stop:]):
+            assert step == full_step and torch.equal(ids, full_ids), f"batch at step {step} differs"

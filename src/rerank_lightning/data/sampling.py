@@ -80,7 +80,9 @@ class GroupSampler(DistributedSampler):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.per_rank - self.skip
+        # The epoch's full length even while resuming: Lightning sizes every epoch from the first len()
+        # and continues the batch index from the checkpoint, so only the iterator skips.
+        return self.per_rank
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.shuffle:
