@@ -359,3 +359,38 @@ def test_resumed_run_sees_the_batches_of_an_uninterrupted_run(mistral_tokenizer,
         assert [step for step, _ in resumed] == list(range(stop, 9))
         for (step, ids), (full_step, full_ids) in zip(resumed, full[stop:]):
             assert step == full_step and torch.equal(ids, full_ids), f"batch at step {step} differs"
+
+
+def test_evaluate_cli_on_export_reproduces_validation_metrics(trained, full_export, capsys):
+    """SPEC 8/9: the exported model, evaluated standalone, gives the metrics validation logged in training."""
+    import json as _json
+
+    from rerank_lightning.eval.evaluate import main as evaluate_main
+
+    dm, module, trainer, _ = trained
+    logged = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    export_dir = full_export[0]
+    evaluate_main([str(export_dir), str(SAMPLE / "val_candidates.jsonl"), "--max-queries", "8"])
+    printed = _json.loads(capsys.readouterr().out)
+    for name in ("MRR@10", "nDCG@10", "MAP"):
+        assert printed[name] == pytest.approx(logged[f"val/{name}"], abs=1e-5), name
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(mistral_tokenizer):
+    """model.gradient_checkpointing=true trades compute for memory without changing the gradients."""
+    dm = make_datamodule(mistral_tokenizer, max_records=4)
+    dm.setup("fit")
+    batch = dm.collator([dm.train_set[(0, i)] for i in range(4)])
+    grads = []
+    for checkpointing in (False, True):
+        cfg = dict(TINY_MODEL, gradient_checkpointing=checkpointing)
+        module = RerankerModule(cfg, dm.formatter.yes_id, dm.formatter.no_id, len(mistral_tokenizer))
+        module.configure_model()
+        module.train()
+        assert module.lm.is_gradient_checkpointing == checkpointing
+        scores = module.score_logits(batch["pair"])[:, dm.formatter.yes_id].view(-1, batch["group_size"])
+        torch.nn.functional.cross_entropy(scores, torch.zeros(scores.shape[0], dtype=torch.long)).backward()
+        grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
