@@ -394,3 +394,49 @@ def test_gradient_checkpointing_gives_the_same_gradients(mistral_tokenizer):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("lora", [None, LORA], ids=["full", "lora"])
+def test_checkpoint_exports_on_its_own(mistral_tokenizer, tmp_path, lora):
+    """A train.py checkpoint carries model config and recipe: `python -m rerank_lightning.inference.export
+    CKPT DIR` gives an export that scores like the module that wrote the checkpoint."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from rerank_lightning.inference.export import main as export_main
+
+    L.seed_everything(0, workers=True)
+    dm = make_datamodule(mistral_tokenizer, batch_size=2, max_records=4, max_val_queries=None)
+    dm.val_data = None
+    cfg = dict(TINY_MODEL, lora=lora or {"enabled": False})
+    module = RerankerModule(cfg, dm.formatter.yes_id, dm.formatter.no_id, len(mistral_tokenizer),
+                            optim={"lr": 1e-2}, recipe=dm.formatter.recipe())
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(2, [ckpt], enable_checkpointing=True).fit(module, datamodule=dm)
+    trained = module_scores(module, dm, PAIRS)
+
+    export_main([str(tmp_path / "ckpt" / "last.ckpt"), str(tmp_path / "export")])
+    exported = Reranker.from_pretrained(tmp_path / "export").score(PAIRS)
+    assert exported == pytest.approx(trained, abs=1e-4)
+
+
+def test_bf16_weights_with_bf16_mixed_precision_train_with_fp32_losses(mistral_tokenizer):
+    """The model=mistral setting (bfloat16 weights, bf16-mixed) on CPU, for correctness: the step runs,
+    the loss is fp32 and finite (SPEC 6), and the weights move."""
+    L.seed_everything(0, workers=True)
+    dm = make_datamodule(mistral_tokenizer, batch_size=2, max_records=4, max_val_queries=None)
+    dm.val_data = None
+    cfg = dict(TINY_MODEL, dtype="bfloat16", lora=LORA)
+    module = RerankerModule(cfg, dm.formatter.yes_id, dm.formatter.no_id, len(mistral_tokenizer),
+                            optim={"lr": 1e-2})
+    rec = LossRecorder()
+    losses = []
+
+    class LossDtype(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(outputs["loss"])
+
+    make_trainer(2, [rec, LossDtype()], precision="bf16-mixed").fit(module, datamodule=dm)
+    assert all(loss.dtype == torch.float32 and torch.isfinite(loss) for loss in losses)
+    assert next(p for n, p in module.named_parameters() if "q_proj.base_layer" in n).dtype == torch.bfloat16
+    moved = [n for n, p in module.named_parameters() if p.requires_grad and not torch.equal(p, rec.start_params[n])]
+    assert moved, "no trainable weight changed"

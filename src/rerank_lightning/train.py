@@ -32,7 +32,7 @@ def build(cfg: DictConfig) -> tuple[RerankDataModule, RerankerModule, L.Trainer]
     fmt = datamodule.formatter
     module = RerankerModule(
         model=cfg.model, yes_token_id=fmt.yes_id, no_token_id=fmt.no_id, vocab_size=len(tokenizer),
-        optim=cfg.optim, loss=cfg.loss, metrics=cfg.metrics,
+        optim=cfg.optim, loss=cfg.loss, metrics=cfg.metrics, recipe=fmt.recipe(),
     )
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=_instantiate_all(cfg.get("logger")) or False,

@@ -123,6 +123,16 @@ class PairFormatter:
                     label: int | None = None) -> list[int]:
         return self.build(self.query_ids(query), self.passage_ids(passage), prompt, label)
 
+    @classmethod
+    def from_recipe(cls, tokenizer: Any, recipe: dict[str, Any]) -> "PairFormatter":
+        """The formatter a `recipe()` describes; the tokenizer must give the recorded Yes/No ids."""
+        fmt = cls(tokenizer, recipe["query_max_len"], recipe["passage_max_len"], recipe["query_instruction"],
+                  recipe["passage_instruction"], recipe["prompt"])
+        if (fmt.yes_id, fmt.no_id) != (recipe["yes_token_id"], recipe["no_token_id"]):
+            raise FormatConfigError(f"tokenizer's Yes/No ids {fmt.yes_id}/{fmt.no_id} differ from the recipe's "
+                                    f"{recipe['yes_token_id']}/{recipe['no_token_id']}")
+        return fmt
+
     def recipe(self) -> dict[str, Any]:
         """The facts an exported model needs to format pairs exactly as in training (SPEC 9)."""
         return {

@@ -1,7 +1,11 @@
-"""Export (SPEC 9): a Hugging Face directory with merged weights, tokenizer and the recipe."""
+"""Export (SPEC 9): a Hugging Face directory with merged weights, tokenizer and the recipe.
+
+From a Lightning checkpoint: `python -m rerank_lightning.inference.export CHECKPOINT OUT_DIR`.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from pathlib import Path
@@ -37,3 +41,28 @@ def export_reranker(lm: torch.nn.Module, formatter: PairFormatter, out_dir: str 
     (out_dir / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
     log.info("exported reranker to %s", out_dir)
     return out_dir
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Export a `RerankerModule` checkpoint written by train.py (its hyperparameters hold model and recipe)."""
+    from ..model import RerankerModule, load_tokenizer
+
+    module = RerankerModule.load_from_checkpoint(checkpoint, map_location="cpu")
+    recipe = module.hparams.get("recipe")
+    if not recipe:
+        raise ValueError(f"{checkpoint} has no formatting recipe in its hyperparameters; export the module "
+                         f"with export_reranker(module.lm, formatter, out_dir) instead")
+    formatter = PairFormatter.from_recipe(load_tokenizer(module.hparams["model"]), recipe)
+    return export_reranker(module.lm, formatter, out_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Export a rerank-lightning checkpoint (SPEC 9)")
+    parser.add_argument("checkpoint")
+    parser.add_argument("out_dir")
+    args = parser.parse_args(argv)
+    print(f"exported model: {export_checkpoint(args.checkpoint, args.out_dir)}")
+
+
+if __name__ == "__main__":
+    main()

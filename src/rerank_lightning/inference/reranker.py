@@ -35,12 +35,7 @@ class Reranker:
         if recipe.get("format_version") != FORMAT_VERSION or recipe.get("recipe") != "instruction":
             raise ValueError(f"{recipe_path}: unsupported recipe {recipe.get('recipe')!r} "
                              f"version {recipe.get('format_version')!r}")
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        formatter = PairFormatter(tokenizer, recipe["query_max_len"], recipe["passage_max_len"],
-                                  recipe["query_instruction"], recipe["passage_instruction"], recipe["prompt"])
-        if (formatter.yes_id, formatter.no_id) != (recipe["yes_token_id"], recipe["no_token_id"]):
-            raise ValueError(f"{path}: tokenizer's Yes/No ids {formatter.yes_id}/{formatter.no_id} differ "
-                             f"from the recipe's {recipe['yes_token_id']}/{recipe['no_token_id']}")
+        formatter = PairFormatter.from_recipe(AutoTokenizer.from_pretrained(path), recipe)
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
         if device is not None:
             lm = lm.to(device)

@@ -26,14 +26,20 @@ class RerankerModule(L.LightningModule):
     model: a `conf/model` block (weights, dtype, LoRA, gradient checkpointing).
     optim: lr, weight_decay, betas, warmup (fraction of total steps if < 1, else steps).
     loss: objective (listwise | pointwise), distill_weight, temperature.
-    metrics: k, relevance_threshold, monitor.
+    metrics: k, relevance_threshold.
+    recipe: the formatting facts (`PairFormatter.recipe()`), kept in checkpoints for export.
     """
 
     def __init__(self, model: Mapping[str, Any], yes_token_id: int, no_token_id: int, vocab_size: int,
                  optim: Mapping[str, Any] | None = None, loss: Mapping[str, Any] | None = None,
-                 metrics: Mapping[str, Any] | None = None):
+                 metrics: Mapping[str, Any] | None = None, recipe: Mapping[str, Any] | None = None):
         super().__init__()
-        self.save_hyperparameters()
+        # Plain containers, so checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters({
+            "model": _plain(model), "yes_token_id": yes_token_id, "no_token_id": no_token_id,
+            "vocab_size": vocab_size, "optim": _plain(optim), "loss": _plain(loss), "metrics": _plain(metrics),
+            "recipe": _plain(recipe),  # PairFormatter.recipe(): lets a checkpoint be exported on its own
+        })
         self.model_cfg = _plain(model)
         self.optim_cfg = {"lr": 1e-4, "weight_decay": 0.0, "betas": (0.9, 0.999), "warmup": 0.1, **(_plain(optim) or {})}
         self.loss_cfg = {"objective": "listwise", "distill_weight": 1.0, "temperature": 1.0, **(_plain(loss) or {})}
@@ -132,6 +138,9 @@ class RerankerModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.configure_model()  # `load_from_checkpoint` needs the LM before the state dict is loaded
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if not self.strict_loading:  # LoRA: keep the adapter, drop the frozen base weights
