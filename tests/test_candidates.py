@@ -71,3 +71,54 @@ def test_malformed_run_line_names_the_line(tmp_path):
     run.write_text("1 Q0 d0 1 2.0 bm25\n1 d0 1 2.0\n")
     with pytest.raises(DataFormatError, match=r"run\.trec:2:"):
         load_beir_rerank(beir, run)
+
+
+def write_beir_from_candidates(lists, root):
+    """A BEIR folder and a run holding exactly the given candidate lists (run order = list order)."""
+    (root / "qrels").mkdir(parents=True)
+    corpus, queries, qrels, run = [], [], ["query-id\tcorpus-id\tscore"], []
+    for cl in lists:
+        queries.append(json.dumps({"_id": cl.qid, "text": cl.query}))
+        for rank, (docid, text, label) in enumerate(zip(cl.docids, cl.texts, cl.labels)):
+            corpus.append(json.dumps({"_id": docid, "text": text}))
+            qrels.append(f"{cl.qid}\t{docid}\t{label}")
+            run.append(f"{cl.qid} Q0 {docid} {rank + 1} {100 - rank} test")
+    (root / "corpus.jsonl").write_text("\n".join(corpus) + "\n")
+    (root / "queries.jsonl").write_text("\n".join(queries) + "\n")
+    (root / "qrels" / "test.tsv").write_text("\n".join(qrels) + "\n")
+    (root / "run.trec").write_text("\n".join(run) + "\n")
+
+
+def test_validation_on_beir_and_run_equals_candidate_lists(tmp_path, mistral_tokenizer, tiny_model_cfg, capsys):
+    """SPEC 8: `data.val_beir` (and `evaluate --run`) rerank a run the way candidate lists are reranked."""
+    import lightning as L
+
+    from conftest import ROOT
+    from rerank_lightning.data import RerankDataModule
+    from rerank_lightning.eval.evaluate import main as evaluate_main
+    from rerank_lightning.inference import export_reranker
+    from rerank_lightning.model import RerankerModule
+
+    cands = ROOT / "data" / "sample" / "val_candidates.jsonl"
+    lists = load_candidate_lists(cands, max_queries=6)
+    write_beir_from_candidates(lists, tmp_path / "beir")
+    beir = {"dir": str(tmp_path / "beir"), "run": str(tmp_path / "beir" / "run.trec"), "split": "test"}
+    common = dict(train_data=str(ROOT / "data" / "sample" / "train.jsonl"), train_group_size=2, max_val_queries=6)
+    results = []
+    module = None
+    for val in ({"val_data": str(cands)}, {"val_beir": beir}):
+        dm = RerankDataModule(mistral_tokenizer, **common, **val)
+        if module is None:
+            module = RerankerModule(tiny_model_cfg, dm.formatter.yes_id, dm.formatter.no_id, len(mistral_tokenizer))
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        results.append(trainer.validate(module, datamodule=dm, verbose=False)[0])
+    assert results[0] == pytest.approx(results[1], abs=1e-6)
+    with pytest.raises(ValueError, match="not both"):
+        RerankDataModule(mistral_tokenizer, **common, val_data=str(cands), val_beir=beir)
+
+    export_reranker(module.lm, dm.formatter, tmp_path / "export")
+    evaluate_main([str(tmp_path / "export"), beir["dir"], "--run", beir["run"]])
+    out = capsys.readouterr().out
+    printed = json.loads(out[out.index("{"):])
+    for name in ("MRR@10", "nDCG@10", "MAP"):
+        assert printed[name] == pytest.approx(results[0][f"val/{name}"], abs=1e-5), name

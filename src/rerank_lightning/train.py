@@ -45,7 +45,7 @@ def train(cfg: DictConfig) -> float | None:
     """Fit with validation before and after, export, and return `cfg.optimized_metric` for sweepers."""
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     datamodule, module, trainer = build(cfg)
-    has_val = bool(datamodule.val_data)
+    has_val = datamodule.has_val
     if has_val and cfg.validate_before_training and not cfg.ckpt_path:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the step-0 baseline
         before = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import lightning as L
 from torch.utils.data import DataLoader
 
-from .candidates import CandidatePairs, collate_candidates, load_candidate_lists
+from .candidates import CandidatePairs, collate_candidates, load_beir_rerank, load_candidate_lists
 from .formatting import DEFAULT_PROMPT
 from .instruction import DataArguments, RerankCollator, TrainDatasetForReranker
 from .sampling import GroupSampler
@@ -22,6 +22,7 @@ class RerankDataModule(L.LightningDataModule):
         tokenizer: Any,
         train_data: str | Sequence[str],
         val_data: str | None = None,
+        val_beir: dict[str, Any] | None = None,
         train_group_size: int = 8,
         query_max_len: int = 32,
         passage_max_len: int = 128,
@@ -56,7 +57,9 @@ class RerankDataModule(L.LightningDataModule):
         )
         self.formatter = self.args.formatter(tokenizer)  # validates lengths and Yes/No tokens now
         self.collator = RerankCollator(tokenizer, query_max_len, passage_max_len, pad_to_multiple_of, padding_side)
-        self.val_data, self.max_val_queries = val_data, max_val_queries
+        if val_data and val_beir:
+            raise ValueError("give validation data either as val_data (candidate lists) or val_beir, not both")
+        self.val_data, self.val_beir, self.max_val_queries = val_data, val_beir, max_val_queries
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.train_set: TrainDatasetForReranker | None = None
         self.val_set: CandidatePairs | None = None
@@ -65,9 +68,17 @@ class RerankDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
             self.train_set = TrainDatasetForReranker(self.args, self.tokenizer, self.formatter)
-        if stage in (None, "fit", "validate") and self.val_set is None and self.val_data:
-            lists = load_candidate_lists(self.val_data, self.max_val_queries)
+        if stage in (None, "fit", "validate") and self.val_set is None and self.has_val:
+            if self.val_beir:  # {dir, run, split, top_k}: rerank a first-stage run (SPEC 8)
+                beir = dict(self.val_beir)
+                lists = load_beir_rerank(beir.pop("dir"), beir.pop("run"), **beir)[: self.max_val_queries]
+            else:
+                lists = load_candidate_lists(self.val_data, self.max_val_queries)
             self.val_set = CandidatePairs(lists, self.formatter)
+
+    @property
+    def has_val(self) -> bool:
+        return bool(self.val_data or self.val_beir)
 
     def train_dataloader(self) -> DataLoader:
         sampler = GroupSampler(len(self.train_set), seed=self.args.seed)

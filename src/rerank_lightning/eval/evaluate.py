@@ -1,5 +1,6 @@
-"""Evaluate an exported reranker on candidate lists (SPEC 8):
-`python -m rerank_lightning.eval.evaluate EXPORT_DIR CANDIDATES.jsonl [--k 10] [--relevance-threshold 1]`."""
+"""Evaluate an exported reranker (SPEC 8) on candidate lists or on a BEIR folder plus a first-stage run:
+`python -m rerank_lightning.eval.evaluate EXPORT_DIR CANDIDATES.jsonl [--k 10] [--relevance-threshold 1]`
+`python -m rerank_lightning.eval.evaluate EXPORT_DIR BEIR_DIR --run RUN.trec [--split test] [--top-k 100]`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from ..data.candidates import CandidateList, load_candidate_lists
+from ..data.candidates import CandidateList, load_beir_rerank, load_candidate_lists
 from .metrics import docid_tie_order, ranking_metrics
 
 
@@ -37,16 +38,23 @@ def evaluate(reranker, lists: Sequence[CandidateList], k: int = 10, relevance_th
 def main(argv: Sequence[str] | None = None) -> None:
     from ..inference import Reranker
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir")
-    parser.add_argument("candidates")
+    parser.add_argument("candidates", help="candidate-list JSONL, or a BEIR folder with --run")
+    parser.add_argument("--run", help="TREC run file to rerank (with a BEIR folder)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--relevance-threshold", type=float, default=1)
     parser.add_argument("--max-queries", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
     reranker = Reranker.from_pretrained(args.model_dir, batch_size=args.batch_size)
-    lists = load_candidate_lists(args.candidates, args.max_queries)
+    if args.run:
+        lists = load_beir_rerank(args.candidates, args.run, args.split, args.top_k)[: args.max_queries]
+    else:
+        lists = load_candidate_lists(args.candidates, args.max_queries)
     print(json.dumps(evaluate(reranker, lists, args.k, args.relevance_threshold, progress=True), indent=2))
 
 

@@ -29,7 +29,7 @@ def export_reranker(lm: torch.nn.Module, formatter: PairFormatter, out_dir: str 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if hasattr(lm, "merge_and_unload"):
-        lm = lm.merge_and_unload()
+        lm = lm.merge_and_unload(progressbar=True)
     lm.config.use_cache = True
     lm.save_pretrained(out_dir)
     tokenizer = ensure_pad_token(formatter.tokenizer)
