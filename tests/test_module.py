@@ -440,3 +440,18 @@ def test_bf16_weights_with_bf16_mixed_precision_train_with_fp32_losses(mistral_t
     assert next(p for n, p in module.named_parameters() if "q_proj.base_layer" in n).dtype == torch.bfloat16
     moved = [n for n, p in module.named_parameters() if p.requires_grad and not torch.equal(p, rec.start_params[n])]
     assert moved, "no trainable weight changed"
+
+
+def test_export_leaves_the_callers_tokenizer_unchanged(mistral_tokenizer, tmp_path):
+    """The export gets a pad token and left padding; the tokenizer still used for training does not change."""
+    import copy
+
+    tok = copy.deepcopy(mistral_tokenizer)
+    tok.padding_side = "right"
+    assert tok.pad_token_id is None
+    dm = make_datamodule(tok, max_records=4)
+    module = make_module(dm, tok)
+    module.configure_model()
+    export_reranker(module.lm, dm.formatter, tmp_path)
+    assert tok.pad_token_id is None and tok.padding_side == "right"
+    assert Reranker.from_pretrained(tmp_path).formatter.tokenizer.pad_token == "<unk>"

@@ -6,6 +6,7 @@ From a Lightning checkpoint: `python -m rerank_lightning.inference.export CHECKP
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 from pathlib import Path
@@ -32,11 +33,9 @@ def export_reranker(lm: torch.nn.Module, formatter: PairFormatter, out_dir: str 
         lm = lm.merge_and_unload(progressbar=True)
     lm.config.use_cache = True
     lm.save_pretrained(out_dir)
-    tokenizer = ensure_pad_token(formatter.tokenizer)
-    padding_side = tokenizer.padding_side
+    tokenizer = ensure_pad_token(copy.deepcopy(formatter.tokenizer))  # the caller's tokenizer stays as it was
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(out_dir)
-    tokenizer.padding_side = padding_side
     recipe: dict[str, Any] = {"format_version": FORMAT_VERSION, "score": "yes_logit", **formatter.recipe()}
     (out_dir / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
     log.info("exported reranker to %s", out_dir)
