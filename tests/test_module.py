@@ -455,3 +455,25 @@ def test_export_leaves_the_callers_tokenizer_unchanged(mistral_tokenizer, tmp_pa
     export_reranker(module.lm, dm.formatter, tmp_path)
     assert tok.pad_token_id is None and tok.padding_side == "right"
     assert Reranker.from_pretrained(tmp_path).formatter.tokenizer.pad_token == "<unk>"
+
+
+def test_adapter_only_export_scores_like_the_trained_module(mistral_tokenizer, tmp_path):
+    """SPEC 9 "base + adapter": `export.merge=false` writes the LoRA adapter and the base's config only;
+    `Reranker.from_pretrained` rebuilds the base, applies the adapter and scores as in training."""
+    L.seed_everything(0, workers=True)
+    dm = make_datamodule(mistral_tokenizer, batch_size=2, max_records=4, max_val_queries=None)
+    dm.val_data = None
+    module = make_module(dm, mistral_tokenizer, lora=LORA, lr=2e-2)
+    make_trainer(2).fit(module, datamodule=dm)
+    trained = module_scores(module, dm, PAIRS)
+
+    export_reranker(module.lm, dm.formatter, tmp_path, merge=False, base_model=module.model_cfg)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", RECIPE_FILE} <= files
+    assert "model.safetensors" not in files
+    assert json.loads((tmp_path / RECIPE_FILE).read_text())["base_model"]["random_init"]["model_type"] == "llama"
+    assert Reranker.from_pretrained(tmp_path).score(PAIRS) == pytest.approx(trained, abs=1e-4)
+    assert module_scores(module, dm, PAIRS) == trained  # the module keeps its adapter
+
+    with pytest.raises(ValueError, match="base_model"):
+        export_reranker(module.lm, dm.formatter, tmp_path / "again", merge=False)

@@ -58,7 +58,8 @@ def train(cfg: DictConfig) -> float | None:
 
     export_dir = None
     if cfg.export.enabled and trainer.is_global_zero:
-        export_dir = export_reranker(module.lm, datamodule.formatter, cfg.export.dir)
+        export_dir = export_reranker(module.lm, datamodule.formatter, cfg.export.dir,
+                                     merge=cfg.export.merge, base_model=module.model_cfg)
     _summary(cfg, trainer, before, after, export_dir)
     metric = after.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
     return metric

@@ -36,7 +36,17 @@ class Reranker:
             raise ValueError(f"{recipe_path}: unsupported recipe {recipe.get('recipe')!r} "
                              f"version {recipe.get('format_version')!r}")
         formatter = PairFormatter.from_recipe(AutoTokenizer.from_pretrained(path), recipe)
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+        if recipe.get("base_model"):  # adapter-only export: rebuild the base, apply and merge the adapter
+            from peft import PeftModel
+
+            from ..model.backbone import load_causal_lm
+
+            base = load_causal_lm(recipe["base_model"], vocab_size=len(formatter.tokenizer))
+            lm = PeftModel.from_pretrained(base, path).merge_and_unload()
+            if dtype is not None:
+                lm = lm.to(dtype)
+        else:
+            lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
         if device is not None:
             lm = lm.to(device)
         return cls(lm, formatter, batch_size)
