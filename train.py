@@ -19,7 +19,11 @@ def main(cfg: DictConfig) -> float | None:
 
     try:
         return train(cfg)
-    except (DataFormatError, FormatConfigError, WeightsUnavailableError, MissingMandatoryValue) as err:
+    except MissingMandatoryValue as err:
+        print(f"error: {err.full_key} is not set: give it on the command line, e.g. "
+              f"{err.full_key}=/path/to/train.jsonl (see README, Configuration)", file=sys.stderr)
+        sys.exit(2)
+    except (DataFormatError, FormatConfigError, WeightsUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

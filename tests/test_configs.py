@@ -410,3 +410,9 @@ def test_optuna_sweep_maximises_the_returned_metric(tmp_path):
     assert 0.0 <= results["best_value"] <= 1.0
     jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit())
     assert jobs == ["0", "1"]
+
+
+def test_instruction_data_without_train_data_says_which_key_to_set(tmp_path):
+    proc = run_train(["data=instruction", "model=tiny", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, timeout=120)
+    assert proc.returncode == 2, describe(proc)
+    assert "error: data.train_data is not set" in proc.stderr and "Traceback" not in proc.stderr
