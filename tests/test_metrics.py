@@ -184,3 +184,32 @@ def test_large_batch_vectorised():
         single = ranking_metrics(scores[q:q + 1], labels[q:q + 1], mask[q:q + 1], k=10, relevance_threshold=2)
         for key in out:
             assert_close(out[key][q:q + 1], single[key])
+
+
+def test_mean_metrics_from_rows_ignores_order_and_duplicates():
+    """Validation gathers (query, candidate, label, tie, score) rows from all ranks: shuffled, and with
+    the duplicates a padded DistributedSampler adds. The means equal ranking_metrics on the grid."""
+    from rerank_lightning.eval.metrics import mean_metrics_from_rows
+
+    gen = torch.Generator().manual_seed(0)
+    sizes = [5, 3, 7, 1]
+    rows = []
+    for qi, n in enumerate(sizes):
+        labels = torch.randint(0, 3, (n,), generator=gen)
+        scores = torch.randint(0, 3, (n,), generator=gen).float()  # frequent ties
+        ties = torch.randperm(n, generator=gen)
+        rows += [(qi, ci, float(labels[ci]), float(ties[ci]), float(scores[ci])) for ci in range(n)]
+    table = torch.tensor(rows)
+    width = max(sizes)
+    grid = {name: torch.zeros(len(sizes), width) for name in ("label", "tie", "score")}
+    mask = torch.zeros(len(sizes), width, dtype=torch.bool)
+    for qi, ci, label, tie, score in rows:
+        grid["label"][qi, ci], grid["tie"][qi, ci], grid["score"][qi, ci] = label, tie, score
+        mask[qi, ci] = True
+    expected = ranking_metrics(grid["score"], grid["label"], mask, k=3, tie_order=grid["tie"].long())
+
+    shuffled = table[torch.randperm(len(table), generator=gen)]
+    padded = torch.cat([shuffled, shuffled[:4]])
+    got = mean_metrics_from_rows(padded, k=3)
+    for name, values in expected.items():
+        assert got[name].item() == pytest.approx(values.mean().item(), abs=1e-6), name

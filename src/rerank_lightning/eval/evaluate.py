@@ -11,28 +11,19 @@ from typing import Sequence
 import torch
 
 from ..data.candidates import CandidateList, load_beir_rerank, load_candidate_lists
-from .metrics import docid_tie_order, ranking_metrics
+from .metrics import docid_tie_order, mean_metrics_from_rows
 
 
 def evaluate(reranker, lists: Sequence[CandidateList], k: int = 10, relevance_threshold: float = 1,
              progress: bool | None = None) -> dict[str, float]:
     """Mean MRR@k, nDCG@k and MAP of `reranker.score` over the candidate lists."""
     pairs = [(cl.query, text) for cl in lists for text in cl.texts]
-    flat = reranker.score(pairs, progress=progress)
-    width = max(len(cl.texts) for cl in lists)
-    scores = torch.zeros(len(lists), width)
-    labels = torch.zeros(len(lists), width)
-    mask = torch.zeros(len(lists), width, dtype=torch.bool)
-    start = 0
-    for i, cl in enumerate(lists):  # unflattening; the metrics themselves are vectorised
-        n = len(cl.texts)
-        scores[i, :n] = torch.tensor(flat[start : start + n])
-        labels[i, :n] = torch.tensor(cl.labels, dtype=torch.float)
-        mask[i, :n] = True
-        start += n
-    tie = docid_tie_order([list(cl.docids) for cl in lists], width)
-    per_query = ranking_metrics(scores, labels, mask, k=k, relevance_threshold=relevance_threshold, tie_order=tie)
-    return {name: float(v.mean()) for name, v in per_query.items()}
+    scores = reranker.score(pairs, progress=progress)
+    ties = docid_tie_order([list(cl.docids) for cl in lists])
+    keys = [(qi, ci, label, int(ties[qi, ci])) for qi, cl in enumerate(lists) for ci, label in enumerate(cl.labels)]
+    rows = torch.tensor([(*key, score) for key, score in zip(keys, scores)], dtype=torch.float64)
+    metrics = mean_metrics_from_rows(rows, k, relevance_threshold)
+    return {name: float(v) for name, v in metrics.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -85,3 +85,19 @@ def docid_tie_order(docids: list[list[str]], width: int | None = None) -> torch.
         ascending = sorted(range(len(ids)), key=lambda j: ids[j].encode("utf-8"))
         out[i, ascending] = torch.arange(len(ids))
     return out
+
+
+def mean_metrics_from_rows(rows: torch.Tensor, k: int = 10, relevance_threshold: float = 1.0) -> dict[str, torch.Tensor]:
+    """Mean metrics from [N, 5] rows (query index, candidate index, label, tie order, score).
+
+    Rows may come in any order and may repeat (a distributed sampler pads with duplicates).
+    """
+    qi, ci = rows[:, 0].long(), rows[:, 1].long()
+    shape = (int(qi.max()) + 1, int(ci.max()) + 1)
+    label, tie, score = (torch.zeros(shape, dtype=rows.dtype, device=rows.device) for _ in range(3))
+    mask = torch.zeros(shape, dtype=torch.bool, device=rows.device)
+    label[qi, ci], tie[qi, ci], score[qi, ci] = rows[:, 2], rows[:, 3], rows[:, 4]
+    mask[qi, ci] = True
+    per_query = ranking_metrics(score, label, mask, k=k, relevance_threshold=relevance_threshold,
+                                tie_order=tie.long())
+    return {name: values.mean() for name, values in per_query.items()}

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..eval.metrics import ranking_metrics
+from ..eval.metrics import mean_metrics_from_rows
 from .backbone import apply_lora, load_causal_lm
 from .losses import distillation, listwise_ce, pointwise_ce
 from .scoring import answer_logits, score_positions
@@ -100,24 +100,10 @@ class RerankerModule(L.LightningModule):
         rows = torch.cat(self._val_outputs)
         self._val_outputs.clear()
         rows = self.all_gather(rows).reshape(-1, rows.shape[-1])  # every rank sees all queries
-        metrics = self.candidate_metrics(rows)
+        metrics = mean_metrics_from_rows(rows, self.metric_cfg["k"], self.metric_cfg["relevance_threshold"])
         if not self.trainer.sanity_checking:
             self.last_validated_step = self.trainer.global_step
         self.log_dict({f"val/{name}": value for name, value in metrics.items()}, prog_bar=True, sync_dist=False)
-
-    def candidate_metrics(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Mean metrics from (query, candidate, label, tie order, score) rows; duplicates collapse."""
-        qi, ci = rows[:, 0].long(), rows[:, 1].long()
-        shape = (int(qi.max()) + 1, int(ci.max()) + 1)
-        grid = {name: torch.zeros(shape, device=rows.device) for name in ("label", "tie", "score")}
-        mask = torch.zeros(shape, dtype=torch.bool, device=rows.device)
-        for col, name in zip((2, 3, 4), ("label", "tie", "score")):
-            grid[name][qi, ci] = rows[:, col]
-        mask[qi, ci] = True
-        per_query = ranking_metrics(grid["score"], grid["label"], mask, k=self.metric_cfg["k"],
-                                    relevance_threshold=self.metric_cfg["relevance_threshold"],
-                                    tie_order=grid["tie"].long())
-        return {name: values.mean() for name, values in per_query.items()}
 
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.optim_cfg
