@@ -33,15 +33,15 @@ def export_reranker(lm: torch.nn.Module, formatter: PairFormatter, out_dir: str 
     out_dir.mkdir(parents=True, exist_ok=True)
     recipe: dict[str, Any] = {"format_version": FORMAT_VERSION, "score": "yes_logit", **formatter.recipe()}
     is_peft = hasattr(lm, "merge_and_unload")
-    if is_peft and not merge:
+    if is_peft and not merge:  # the caller's model stays as it is; peft saves only the adapter
         if not base_model:
             raise ValueError("an adapter-only export (merge=False) needs base_model, the config that loads the base")
         recipe["base_model"] = base_model
-    elif is_peft:
-        lm = lm.merge_and_unload(progressbar=True)
-    if not is_peft or merge:
+    else:
+        if is_peft:
+            lm = lm.merge_and_unload(progressbar=True)
         lm.config.use_cache = True
-    lm.save_pretrained(out_dir)  # a peft model saves only its adapter
+    lm.save_pretrained(out_dir)
     tokenizer = ensure_pad_token(copy.deepcopy(formatter.tokenizer))  # the caller's tokenizer stays as it was
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(out_dir)
