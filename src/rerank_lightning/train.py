@@ -11,8 +11,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .data import RerankDataModule
-from .inference import export_reranker
+from .inference.export import export_from_trainer
+from .data.formatting import FormatConfigError
 from .model import RerankerModule, load_tokenizer
+from .model.matryoshka_module import MatryoshkaModule
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +32,15 @@ def build(cfg: DictConfig) -> tuple[RerankDataModule, RerankerModule, L.Trainer]
     tokenizer = load_tokenizer(cfg.model)  # fails fast if the weights are not available
     datamodule: RerankDataModule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all")
     fmt = datamodule.formatter
-    module = RerankerModule(
-        model=cfg.model, yes_token_id=fmt.yes_id, no_token_id=fmt.no_id, vocab_size=len(tokenizer),
-        optim=cfg.optim, loss=cfg.loss, metrics=cfg.metrics, recipe=fmt.recipe(),
-    )
+    kwargs = dict(model=cfg.model, yes_token_id=fmt.yes_id, no_token_id=fmt.no_id, vocab_size=len(tokenizer),
+                  optim=cfg.optim, loss=cfg.loss, metrics=cfg.metrics, recipe=fmt.recipe())
+    if cfg.get("matryoshka"):  # experiment=matryoshka_*: layer-wise exits and compression (SPEC 7)
+        if fmt.name != "matryoshka":
+            raise FormatConfigError("the Matryoshka experiments need data=matryoshka (query/prompt lengths, "
+                                    f"right padding); this run uses the {fmt.name!r} recipe")
+        module: RerankerModule = MatryoshkaModule(**kwargs, matryoshka=cfg.matryoshka)
+    else:
+        module = RerankerModule(**kwargs)
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=_instantiate_all(cfg.get("logger")) or False,
         callbacks=_instantiate_all(cfg.get("callbacks")),
@@ -57,9 +64,9 @@ def train(cfg: DictConfig) -> float | None:
     after = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
     export_dir = None
-    if cfg.export.enabled and trainer.is_global_zero:
-        export_dir = export_reranker(module.lm, datamodule.formatter, cfg.export.dir,
-                                     merge=cfg.export.merge, base_model=module.model_cfg)
+    if cfg.export.enabled:  # every rank: under FSDP the full model is gathered to rank 0, which writes it
+        export_dir = export_from_trainer(trainer, module, datamodule.formatter, cfg.export.dir,
+                                         merge=cfg.export.merge, base_model=module.model_cfg)
     _summary(cfg, trainer, before, after, export_dir)
     metric = after.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
     return metric

@@ -1,15 +1,22 @@
-"""Data: records (SPEC 1), group sampling (2), formatting (3), collation (5), evaluation lists (8)."""
+"""Data: records (SPEC 1), group sampling (2), formatting (3, 4), collation (5), evaluation lists (8).
+
+`rerank_lightning.data.matryoshka` holds the Matryoshka recipe's dataset and collator (same names
+as the instruction recipe's, which this package exports).
+"""
 
 from .candidates import CandidateList, CandidatePairs, load_beir_rerank, load_candidate_lists
 from .datamodule import RerankDataModule
-from .formatting import DEFAULT_PROMPT, FormatConfigError, PairFormatter
+from .formatting import (
+    DEFAULT_PROMPT, MATRYOSHKA_PROMPT, FormatConfigError, MatryoshkaFormatter, PairFormatter, formatter_from_recipe,
+)
 from .instruction import DataArguments, RerankCollator, TrainDatasetForReranker
 from .records import DataFormatError, TrainRecord, load_records
 from .sampling import GroupSampler, sample_group
+from .tokenized import TokenizedRecords
 
 __all__ = [
     "CandidateList", "CandidatePairs", "DEFAULT_PROMPT", "DataArguments", "DataFormatError",
-    "FormatConfigError", "GroupSampler", "PairFormatter", "RerankCollator", "RerankDataModule",
-    "TrainDatasetForReranker", "TrainRecord", "load_beir_rerank", "load_candidate_lists",
-    "load_records", "sample_group",
+    "FormatConfigError", "GroupSampler", "MATRYOSHKA_PROMPT", "MatryoshkaFormatter", "PairFormatter",
+    "RerankCollator", "RerankDataModule", "TokenizedRecords", "TrainDatasetForReranker", "TrainRecord",
+    "formatter_from_recipe", "load_beir_rerank", "load_candidate_lists", "load_records", "sample_group",
 ]

@@ -108,7 +108,10 @@ def load_beir_rerank(beir_dir: str | Path, run_file: str | Path, split: str = "t
 
 
 class CandidatePairs(Dataset):
-    """Every (query, candidate) pair of some candidate lists, formatted for scoring (no label token)."""
+    """Every (query, candidate) pair of some candidate lists, formatted for scoring (no label token).
+
+    With the Matryoshka formatter each item also carries `query_length` and `prompt_length` (SPEC 4).
+    """
 
     def __init__(self, lists: list[CandidateList], formatter: PairFormatter):
         self.lists, self.formatter = lists, formatter
@@ -121,8 +124,10 @@ class CandidatePairs(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         qi, ci = self.index[i]
-        ids = self.formatter.build(self._query_ids[qi], self.formatter.passage_ids(self.lists[qi].texts[ci]))
-        return {
+        fmt = self.formatter
+        ids, query_length, prompt_length = fmt.layout(
+            self._query_ids[qi], fmt.passage_ids(self.lists[qi].texts[ci]), fmt.prompt_ids())
+        item = {
             "input_ids": ids,
             "attention_mask": [1] * len(ids),
             "query_index": qi,
@@ -130,12 +135,19 @@ class CandidatePairs(Dataset):
             "label": self.lists[qi].labels[ci],
             "tie_order": self.tie_order[qi][ci],
         }
+        if fmt.carries_lengths:
+            item["query_length"], item["prompt_length"] = query_length, prompt_length
+        return item
 
 
 def collate_candidates(items: list[dict[str, Any]], collate_pairs) -> dict[str, Any]:
-    """Pads the pairs with the training collator; keeps where each score belongs."""
+    """Pads the pairs with the training collator (the instruction one: groups of encodings); keeps where
+    each score belongs, and the Matryoshka lengths as `query_lengths` / `prompt_lengths` when present."""
     batch = collate_pairs([[{"input_ids": it["input_ids"], "attention_mask": it["attention_mask"]}] for it in items])
     out = {"pair": batch["pair"]}
     for key in ("query_index", "candidate_index", "label", "tie_order"):
         out[key] = torch.tensor([it[key] for it in items], dtype=torch.long)
+    if "query_length" in items[0]:
+        out["query_lengths"] = torch.tensor([it["query_length"] for it in items], dtype=torch.long)
+        out["prompt_lengths"] = torch.tensor([it["prompt_length"] for it in items], dtype=torch.long)
     return out

@@ -8,14 +8,21 @@ from typing import Any, Sequence
 import lightning as L
 from torch.utils.data import DataLoader
 
+from . import instruction, matryoshka
 from .candidates import CandidatePairs, collate_candidates, load_beir_rerank, load_candidate_lists
-from .formatting import DEFAULT_PROMPT
-from .instruction import DataArguments, RerankCollator, TrainDatasetForReranker
 from .sampling import GroupSampler
+from .tokenized import default_cache_dir
+
+RECIPES = {"instruction": instruction, "matryoshka": matryoshka}  # each: DataArguments, dataset, collator
 
 
 class RerankDataModule(L.LightningDataModule):
-    """Owns loading, group sampling and collation; `batch_size` counts queries (groups) per device."""
+    """Owns loading, group sampling and collation; `batch_size` counts queries (groups) per device.
+
+    `recipe` picks the formatter, dataset and collator: `instruction` (SPEC 3) or `matryoshka` (SPEC 4).
+    `prompt` / `padding_side` None: the recipe's default (padding: left for instruction, right for
+    matryoshka); `cache_dir=None` keeps pre-tokenised records in memory only.
+    """
 
     def __init__(
         self,
@@ -34,14 +41,19 @@ class RerankDataModule(L.LightningDataModule):
         batch_size: int = 1,
         val_batch_size: int = 16,
         num_workers: int = 0,
-        padding_side: str = "left",
+        padding_side: str | None = None,
         pad_to_multiple_of: int | None = 8,
         seed: int = 42,
         on_error: str = "raise",
+        recipe: str = "instruction",
+        cache_dir: str | None = default_cache_dir(),
     ):
         super().__init__()
+        if recipe not in RECIPES:
+            raise ValueError(f"data.recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
+        self.recipe, self._recipe_module = recipe, RECIPES[recipe]
         self.tokenizer = tokenizer
-        self.args = DataArguments(
+        self.args = self._recipe_module.DataArguments(
             train_data=train_data,
             train_group_size=train_group_size,
             query_max_len=query_max_len,
@@ -49,25 +61,28 @@ class RerankDataModule(L.LightningDataModule):
             query_instruction_for_retrieval=query_instruction,
             passage_instruction_for_retrieval=passage_instruction,
             max_example_num_per_dataset=max_example_num_per_dataset,
-            prompt=prompt or DEFAULT_PROMPT,
             seed=seed,
             on_error=on_error,
-            padding_side=padding_side,
             pad_to_multiple_of=pad_to_multiple_of,
+            cache_dir=cache_dir,
+            **({"prompt": prompt} if prompt else {}),
+            **({"padding_side": padding_side} if padding_side else {}),
         )
         self.formatter = self.args.formatter(tokenizer)  # validates lengths and Yes/No tokens now
-        self.collator = RerankCollator(tokenizer, query_max_len, passage_max_len, pad_to_multiple_of, padding_side)
+        collate = (tokenizer, query_max_len, passage_max_len, pad_to_multiple_of, self.args.padding_side)
+        self.collator = self._recipe_module.RerankCollator(*collate)  # training groups
+        self.pair_collator = instruction.RerankCollator(*collate)  # validation pairs
         if val_data and val_beir:
             raise ValueError("give validation data either as val_data (candidate lists) or val_beir, not both")
         self.val_data, self.val_beir, self.max_val_queries = val_data, val_beir, max_val_queries
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
-        self.train_set: TrainDatasetForReranker | None = None
+        self.train_set: instruction.TrainDatasetForReranker | matryoshka.TrainDatasetForReranker | None = None
         self.val_set: CandidatePairs | None = None
         self._resume: dict[str, int] = {}
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
-            self.train_set = TrainDatasetForReranker(self.args, self.tokenizer, self.formatter)
+            self.train_set = self._recipe_module.TrainDatasetForReranker(self.args, self.tokenizer, self.formatter)
         if stage in (None, "fit", "validate") and self.val_set is None and self.has_val:
             if self.val_beir:  # {dir, run, split, top_k}: rerank a first-stage run (SPEC 8)
                 beir = dict(self.val_beir)
@@ -94,7 +109,7 @@ class RerankDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
             return []
-        collate = functools.partial(collate_candidates, collate_pairs=self.collator)
+        collate = functools.partial(collate_candidates, collate_pairs=self.pair_collator)
         return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False,
                           collate_fn=collate, num_workers=self.num_workers)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -13,41 +14,65 @@ from torch.utils.data import DistributedSampler
 from .records import TrainRecord
 
 
-def record_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """The generator for one record in one epoch; independent of workers, devices and history."""
-    return np.random.default_rng([seed, epoch, index])
+def record_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The generator for one record in one epoch; independent of workers, devices and history.
+
+    Seeded from the string key (hashed with SHA-512 by `random`), so it is the same in every
+    process and Python run; cheaper to build than a numpy generator, which matters once per group.
+    """
+    return random.Random(f"{seed}/{epoch}/{index}")
 
 
 @dataclass(frozen=True)
 class Group:
-    """One training group: the positive first, then G - 1 negatives."""
+    """One training group: the positive first, then G - 1 negatives.
+
+    `positive_index` and `negative_indices` say which of the record's `pos` / `neg` were chosen,
+    so that pre-tokenised passages can be picked by index.
+    """
 
     query: str
     passages: tuple[str, ...]
     teacher_scores: tuple[float, ...] | None
     prompt: str | None
+    positive_index: int = 0
+    negative_indices: tuple[int, ...] = ()
+
+
+def sample_without_replacement(rng: random.Random, population: int, k: int) -> list[int]:
+    """k distinct values of range(population), uniformly: a partial Fisher-Yates shuffle (cheaper
+    than `random.sample`, whose per-draw method calls cost more than the rest of a training item)."""
+    pool = list(range(population))
+    for i in range(k):
+        j = i + int(rng.random() * (population - i))
+        pool[i], pool[j] = pool[j], pool[i]
+    return pool[:k]
+
+
+def sample_indices(num_pos: int, num_neg: int, group_size: int, seed: int, epoch: int,
+                   index: int) -> tuple[int, tuple[int, ...]]:
+    """(positive index, G - 1 negative indices) for record `index` in `epoch` (SPEC 2)."""
+    rng = record_rng(seed, epoch, index)
+    p = int(rng.random() * num_pos)
+    n_neg = group_size - 1
+    if n_neg == 0:
+        return p, ()
+    if num_neg >= n_neg:
+        return p, tuple(sample_without_replacement(rng, num_neg, n_neg))
+    # Too few negatives: repeat the list ceil((G-1)/n) times, then sample without replacement,
+    # so each negative appears at most that many times (position k of the repeated list is k % n).
+    repeats = math.ceil(n_neg / num_neg)
+    return p, tuple(k % num_neg for k in sample_without_replacement(rng, num_neg * repeats, n_neg))
 
 
 def sample_group(record: TrainRecord, group_size: int, seed: int, epoch: int, index: int) -> Group:
     """Pick one positive and G - 1 negatives; teacher scores follow their passages by index."""
-    rng = record_rng(seed, epoch, index)
-    p = int(rng.integers(len(record.pos)))
-    n_neg = group_size - 1
-    if n_neg == 0:
-        neg_idx: list[int] = []
-    elif len(record.neg) >= n_neg:
-        neg_idx = rng.choice(len(record.neg), size=n_neg, replace=False).tolist()
-    else:
-        # Too few negatives: repeat the list ceil((G-1)/n) times, then sample without replacement,
-        # so each negative appears at most that many times.
-        repeats = math.ceil(n_neg / len(record.neg))
-        pool = np.tile(np.arange(len(record.neg)), repeats)
-        neg_idx = pool[rng.choice(len(pool), size=n_neg, replace=False)].tolist()
-    passages = (record.pos[p], *(record.neg[j] for j in neg_idx))
+    p, neg_idx = sample_indices(len(record.pos), len(record.neg), group_size, seed, epoch, index)
+    passages = (record.pos[p], *[record.neg[j] for j in neg_idx])
     scores = None
     if record.has_teacher_scores:
-        scores = (record.pos_scores[p], *(record.neg_scores[j] for j in neg_idx))
-    return Group(record.query, passages, scores, record.prompt)
+        scores = (record.pos_scores[p], *[record.neg_scores[j] for j in neg_idx])
+    return Group(record.query, passages, scores, record.prompt, p, neg_idx)
 
 
 class GroupSampler(DistributedSampler):

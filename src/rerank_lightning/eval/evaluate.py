@@ -14,16 +14,21 @@ from ..data.candidates import CandidateList, load_beir_rerank, load_candidate_li
 from .metrics import docid_tie_order, mean_metrics_from_rows
 
 
-def evaluate(reranker, lists: Sequence[CandidateList], k: int = 10, relevance_threshold: float = 1,
-             progress: bool | None = None) -> dict[str, float]:
-    """Mean MRR@k, nDCG@k and MAP of `reranker.score` over the candidate lists."""
-    pairs = [(cl.query, text) for cl in lists for text in cl.texts]
-    scores = reranker.score(pairs, progress=progress)
+def metrics_for_scores(lists: Sequence[CandidateList], scores: Sequence[float], k: int = 10,
+                       relevance_threshold: float = 1) -> dict[str, float]:
+    """Mean MRR@k, nDCG@k and MAP of one score per candidate (the lists flattened in order)."""
     ties = docid_tie_order([list(cl.docids) for cl in lists])
     keys = [(qi, ci, label, int(ties[qi, ci])) for qi, cl in enumerate(lists) for ci, label in enumerate(cl.labels)]
     rows = torch.tensor([(*key, score) for key, score in zip(keys, scores)], dtype=torch.float64)
     metrics = mean_metrics_from_rows(rows, k, relevance_threshold)
     return {name: float(v) for name, v in metrics.items()}
+
+
+def evaluate(reranker, lists: Sequence[CandidateList], k: int = 10, relevance_threshold: float = 1,
+             progress: bool | None = None) -> dict[str, float]:
+    """Mean MRR@k, nDCG@k and MAP of `reranker.score` over the candidate lists."""
+    pairs = [(cl.query, text) for cl in lists for text in cl.texts]
+    return metrics_for_scores(lists, reranker.score(pairs, progress=progress), k, relevance_threshold)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

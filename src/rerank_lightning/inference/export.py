@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..data.formatting import PairFormatter, ensure_pad_token
+from ..data.formatting import PairFormatter, ensure_pad_token, formatter_from_recipe
 
 log = logging.getLogger(__name__)
 RECIPE_FILE = "reranker_config.json"
@@ -50,17 +50,88 @@ def export_reranker(lm: torch.nn.Module, formatter: PairFormatter, out_dir: str 
     return out_dir
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, merge: bool = True) -> Path:
-    """Export a `RerankerModule` checkpoint written by train.py (its hyperparameters hold model and recipe)."""
-    from ..model import RerankerModule, load_tokenizer
+def export_from_trainer(trainer: Any, module: Any, formatter: PairFormatter, out_dir: str | Path,
+                        merge: bool = True, base_model: dict[str, Any] | None = None) -> Path | None:
+    """Export the model `trainer` trained; call it on every rank. Returns `out_dir` on global rank 0, else None.
 
-    module = RerankerModule.load_from_checkpoint(checkpoint, map_location="cpu")
+    Unsharded (one device, DDP): rank 0 exports `module.lm` as `export_reranker` does. Sharded (FSDP):
+    every rank takes part in gathering the full state dict to rank 0's CPU; rank 0 loads it into a
+    fresh, unwrapped copy of the module (built from its hyperparameters) and exports that, so the
+    export holds every weight, never one rank's shard.
+    """
+    from ..strategies import full_state_dict, is_sharded
+
+    strategy = trainer.strategy
+    out = None
+    if is_sharded(strategy.model):
+        state = full_state_dict(strategy.model)  # collective; the tensors land on rank 0 only
+        if trainer.is_global_zero:
+            fresh = unwrapped_module(module, state)
+            del state
+            out = fresh.export_model(formatter, out_dir, merge=merge, base_model=base_model)
+    elif trainer.is_global_zero:
+        out = module.export_model(formatter, out_dir, merge=merge, base_model=base_model)
+    strategy.barrier("export")
+    return out
+
+
+def unwrapped_module(module: Any, state: dict[str, torch.Tensor]) -> Any:
+    """A fresh copy of `module` (same class and hyperparameters, own weights) holding `state`, a full
+    state dict of the module (`lm.*`, and `heads.*` for a Matryoshka module)."""
+    fresh = type(module)(**dict(module.hparams))
+    fresh.configure_model()
+    fresh.load_state_dict(state, strict=fresh.strict_loading)
+    return fresh
+
+
+def module_class(hparams: dict[str, Any]) -> type:
+    """`MatryoshkaModule` for checkpoints of the Matryoshka experiments, else `RerankerModule`."""
+    from ..model import RerankerModule
+    from ..model.matryoshka_module import MatryoshkaModule
+
+    return MatryoshkaModule if hparams.get("matryoshka") else RerankerModule
+
+
+def load_module_checkpoint(checkpoint: str | Path) -> Any:
+    """A `RerankerModule` on CPU from a checkpoint file or from the sharded directory of `trainer=fsdp`
+    (read in this one process, no process group needed)."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+        return module_class(hparams).load_from_checkpoint(path, map_location="cpu")
+    import torch.distributed.checkpoint as dcp
+    from lightning.fabric.strategies.fsdp import _METADATA_FILENAME
+
+    if not (path / _METADATA_FILENAME).is_file():
+        raise FileNotFoundError(f"{path} is a directory but not a sharded checkpoint (no {_METADATA_FILENAME})")
+    meta = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=False)
+    module = module_class(meta["hyper_parameters"])(**meta["hyper_parameters"])
+    module.configure_model()
+    reader = dcp.FileSystemReader(path)
+    saved = {k.split(".", 1)[1] for k in reader.read_metadata().state_dict_metadata if k.startswith("model.")}
+    state = {k: v for k, v in module.state_dict().items() if k in saved}
+    if unknown := saved - set(state):
+        raise KeyError(f"{path} holds weights the model does not have: {sorted(unknown)[:5]}")
+    if module.strict_loading and (absent := set(module.state_dict()) - saved):
+        raise KeyError(f"{path} lacks weights of the model: {sorted(absent)[:5]}")
+    dcp.load({"model": state}, storage_reader=reader, no_dist=True)  # in place, into the module's tensors
+    module.load_state_dict(state, strict=module.strict_loading)
+    module.eval()
+    return module
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, merge: bool = True) -> Path:
+    """Export a `RerankerModule` checkpoint written by train.py (its hyperparameters hold model and recipe):
+    a checkpoint file, or the directory of shards that `trainer=fsdp` writes."""
+    from ..model import load_tokenizer
+
+    module = load_module_checkpoint(checkpoint)
     recipe = module.hparams.get("recipe")
     if not recipe:
         raise ValueError(f"{checkpoint} has no formatting recipe in its hyperparameters; export the module "
                          f"with export_reranker(module.lm, formatter, out_dir) instead")
-    formatter = PairFormatter.from_recipe(load_tokenizer(module.hparams["model"]), recipe)
-    return export_reranker(module.lm, formatter, out_dir, merge=merge, base_model=module.hparams["model"])
+    formatter = formatter_from_recipe(load_tokenizer(module.hparams["model"]), recipe)
+    return module.export_model(formatter, out_dir, merge=merge, base_model=module.hparams["model"])
 
 
 def main(argv: list[str] | None = None) -> None:

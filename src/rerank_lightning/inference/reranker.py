@@ -9,33 +9,47 @@ from typing import Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..data.formatting import PairFormatter, pad_token_id
+from ..data.formatting import PairFormatter, formatter_from_recipe, pad_token_id
 from ..data.instruction import pad_batch
 from ..model.scoring import answer_logits, score_positions
 from .export import FORMAT_VERSION, RECIPE_FILE
 
+RECIPES = ("instruction", "matryoshka")
+
 
 class Reranker:
-    """Scores pairs with the exported model: the "Yes" logit after the recipe's prompt."""
+    """Scores pairs with the exported model: the "Yes" logit after the recipe's prompt.
 
-    def __init__(self, lm: torch.nn.Module, formatter: PairFormatter, batch_size: int = 16):
+    A Matryoshka export (SPEC 7) scores with its layer-wise heads at any exit layer, compress
+    layers and ratio chosen per call, and switches to the compensation adapter that matches
+    (`compensation/width_r<ratio>` when compressing, else `compensation/depth` below the top exit).
+    """
+
+    def __init__(self, lm: torch.nn.Module, formatter: PairFormatter, batch_size: int = 16,
+                 heads: torch.nn.Module | None = None, matryoshka: dict | None = None,
+                 adapters: Sequence[str] = ()):
         self.lm, self.formatter, self.batch_size = lm.eval(), formatter, batch_size
         self.pad_id = pad_token_id(formatter.tokenizer)
+        self.heads = heads.eval() if heads is not None else None
+        self.matryoshka = matryoshka or {}
+        self.adapters = list(adapters)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, batch_size: int = 16) -> "Reranker":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
+
+        from ..model.backbone import auto_tokenizer
 
         path = Path(path)
         recipe_path = path / RECIPE_FILE
         if not recipe_path.is_file():
             raise FileNotFoundError(f"{path} is not an exported reranker: {RECIPE_FILE} is missing")
         recipe = json.loads(recipe_path.read_text())
-        if recipe.get("format_version") != FORMAT_VERSION or recipe.get("recipe") != "instruction":
+        if recipe.get("format_version") != FORMAT_VERSION or recipe.get("recipe") not in RECIPES:
             raise ValueError(f"{recipe_path}: unsupported recipe {recipe.get('recipe')!r} "
                              f"version {recipe.get('format_version')!r}")
-        formatter = PairFormatter.from_recipe(AutoTokenizer.from_pretrained(path), recipe)
+        formatter = formatter_from_recipe(auto_tokenizer(str(path)), recipe)
         if recipe.get("base_model"):  # adapter-only export: rebuild the base, apply and merge the adapter
             from peft import PeftModel
 
@@ -47,16 +61,34 @@ class Reranker:
                 lm = lm.to(dtype)
         else:
             lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+        heads, adapters = None, []
+        if recipe["recipe"] == "matryoshka":
+            from ..model.matryoshka_module import load_heads
+
+            heads = load_heads(path)
+            lm, adapters = _load_compensation(lm, path)
         if device is not None:
             lm = lm.to(device)
-        return cls(lm, formatter, batch_size)
+            heads = heads.to(device) if heads is not None else None
+        return cls(lm, formatter, batch_size, heads, recipe.get("matryoshka"), adapters)
 
     @torch.no_grad()
     def score(self, pairs: Sequence[tuple[str, str]] | tuple[str, str], prompt: str | None = None,
-              batch_size: int | None = None, progress: bool | None = None) -> list[float]:
-        """One score per (query, passage) pair; higher means more relevant."""
+              batch_size: int | None = None, progress: bool | None = None, exit_layer: int | None = None,
+              compress_ratio: int = 1, compress_layers: Sequence[int] | None = None) -> list[float]:
+        """One score per (query, passage) pair; higher means more relevant.
+
+        Matryoshka exports: `exit_layer` (default: the top), `compress_ratio` (1: none) and
+        `compress_layers` (default: the trained ones) choose the depth and width.
+        """
         single = isinstance(pairs, tuple) and len(pairs) == 2 and isinstance(pairs[0], str)
         pairs = [pairs] if single else list(pairs)
+        if self.heads is not None:
+            layer = max(self.heads.layers) if exit_layer is None else int(exit_layer)
+            scores = self.score_exits(pairs, [layer], compress_ratio, compress_layers, prompt, batch_size)[layer]
+            return scores[0:1] if single else scores
+        if exit_layer is not None or compress_ratio != 1 or compress_layers:
+            raise ValueError("exit_layer / compress_ratio / compress_layers need a Matryoshka export")
         encoded = [self.formatter.encode_pair(q, p, prompt) for q, p in pairs]
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar lengths per batch
         batch_size = batch_size or self.batch_size
@@ -73,8 +105,67 @@ class Reranker:
                 scores[i] = s
         return scores[0:1] if single else scores
 
+    def adapter_for(self, exit_layer: int, compress_ratio: int) -> str | None:
+        """The compensation adapter for a depth / width (None: the stage-1 model as it is)."""
+        if compress_ratio > 1 and f"width_r{compress_ratio}" in self.adapters:
+            return f"width_r{compress_ratio}"
+        if exit_layer < max(self.heads.layers) and "depth" in self.adapters:
+            return "depth"
+        return None
+
+    @torch.no_grad()
+    def score_exits(self, pairs: Sequence[tuple[str, str]], exits: Sequence[int] | None = None,
+                    compress_ratio: int = 1, compress_layers: Sequence[int] | None = None, prompt: str | None = None,
+                    batch_size: int | None = None) -> dict[int, list[float]]:
+        """Matryoshka: {exit layer: one score per pair}; one pass per compensation adapter involved."""
+        from contextlib import nullcontext
+
+        from ..model.matryoshka import exit_scores
+
+        if self.heads is None:
+            raise ValueError("score_exits needs a Matryoshka export (layer-wise heads)")
+        exits = self.heads.check(exits if exits is not None else self.heads.layers)
+        layers = list(self.matryoshka.get("compress_layers", [])) if compress_layers is None else list(compress_layers)
+        by_adapter: dict[str | None, list[int]] = {}
+        for layer in exits:
+            by_adapter.setdefault(self.adapter_for(layer, compress_ratio), []).append(layer)
+        encoded = [self.formatter.encode_pair(q, p, prompt) for q, p in pairs]
+        device = next(self.lm.parameters()).device
+        batch_size = batch_size or self.batch_size
+        method = self.matryoshka.get("compress_method", "attention")
+        out: dict[int, list[float]] = {layer: [] for layer in exits}
+        for adapter, group in by_adapter.items():
+            if adapter is not None:
+                self.lm.set_adapter(adapter)
+            use_base = adapter is None and hasattr(self.lm, "disable_adapter")
+            context = self.lm.disable_adapter() if use_base else nullcontext()
+            with context:
+                for start in range(0, len(encoded), batch_size):
+                    chunk = encoded[start : start + batch_size]
+                    ids = pad_batch([e[0] for e in chunk], self.pad_id, "right").to(device)
+                    mask = pad_batch([[1] * len(e[0]) for e in chunk], 0, "right").to(device)
+                    lengths = torch.tensor([[e[1], e[2]] for e in chunk], device=device)
+                    scores = exit_scores(self.lm, self.heads, ids, mask, group, layers, compress_ratio,
+                                         lengths[:, 0], lengths[:, 1], method)
+                    for layer in group:
+                        out[layer].extend(scores[layer].tolist())
+        return out
+
     def rerank(self, query: str, passages: Iterable[str], prompt: str | None = None) -> list[tuple[int, float]]:
         """(passage index, score) pairs, best first."""
         passages = list(passages)
         scores = self.score([(query, p) for p in passages], prompt=prompt)
         return sorted(enumerate(scores), key=lambda x: -x[1])
+
+
+def _load_compensation(lm: torch.nn.Module, path: Path) -> tuple[torch.nn.Module, list[str]]:
+    """Attach every adapter under `path/compensation/<name>/` (written by the compensation stage)."""
+    folders = sorted(d for d in (path / "compensation").glob("*") if (d / "adapter_config.json").is_file())
+    if not folders:
+        return lm, []
+    from peft import PeftModel
+
+    lm = PeftModel.from_pretrained(lm, folders[0], adapter_name=folders[0].name)
+    for folder in folders[1:]:
+        lm.load_adapter(folder, adapter_name=folder.name)
+    return lm.eval(), [d.name for d in folders]

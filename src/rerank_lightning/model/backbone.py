@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -85,9 +86,24 @@ def _source(cfg: Mapping[str, Any]) -> str:
     return resolve_pretrained(cfg["pretrained"])
 
 
+def auto_tokenizer(name_or_path: str, **kwargs: Any) -> Any:
+    """AutoTokenizer, except that a local folder's own `tokenizer_class` wins: transformers 5 prefers
+    the class mapped from config.json's model type, so a Llama tokenizer saved beside a Qwen2 model
+    would come back as Qwen2's."""
+    import transformers
+
+    config = Path(name_or_path) / "tokenizer_config.json"
+    if config.is_file():
+        name = json.loads(config.read_text()).get("tokenizer_class")
+        cls = getattr(transformers, name, None) if isinstance(name, str) else None
+        if cls is not None:
+            return cls.from_pretrained(name_or_path, **kwargs)
+    return transformers.AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+
+
 def load_tokenizer(cfg: Mapping[str, Any]) -> Any:
     """The tokenizer named by a model config (`tokenizer` block, else the weights' own)."""
-    from transformers import AutoTokenizer, LlamaTokenizer
+    from transformers import LlamaTokenizer
 
     tcfg = cfg.get("tokenizer") or {}
     if tcfg.get("sentencepiece"):
@@ -96,10 +112,10 @@ def load_tokenizer(cfg: Mapping[str, Any]) -> Any:
         # AutoTokenizer converts a bare .model to a fast tokenizer that differs from sentencepiece.
         tok = LlamaTokenizer.from_pretrained(str(_sentencepiece_dir(model_file)), add_bos_token=True)
     elif tcfg.get("pretrained"):
-        tok = AutoTokenizer.from_pretrained(resolve_pretrained(tcfg["pretrained"]))
+        tok = auto_tokenizer(resolve_pretrained(tcfg["pretrained"]))
     else:
         kwargs = {"gguf_file": cfg["gguf_file"]} if cfg.get("gguf_file") else {}
-        tok = AutoTokenizer.from_pretrained(_source(cfg), **kwargs)
+        tok = auto_tokenizer(_source(cfg), **kwargs)
     return tok
 
 

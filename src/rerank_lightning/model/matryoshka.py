@@ -91,6 +91,7 @@ def _attention_with_last_row(module, query, key, value, attention_mask, last_row
     """The layer's normal attention output, plus the last real token's attention row, summed over heads."""
     inner = ALL_ATTENTION_FUNCTIONS.get_interface(last_row_capture.inner, _eager_for(module))
     output = inner(module, query, key, value, attention_mask, **kwargs)
+    query, key = query.detach(), key.detach()  # no autograd record: checkpoint recomputation runs without it
     cap = last_row_capture
     batch, heads, length, _ = query.shape
     rows = torch.arange(batch, device=query.device)

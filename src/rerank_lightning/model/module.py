@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.checkpoint import checkpoint
 
 from ..eval.metrics import mean_metrics_from_rows
 from .backbone import apply_lora, load_causal_lm
@@ -18,6 +19,55 @@ OBJECTIVES = ("listwise", "pointwise")
 
 def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+# Inserted into parameter names by FSDP1 units, activation-checkpoint wrappers and torch.compile;
+# state dicts (FSDP's included) name parameters without them.
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _unwrapped_name(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def trim_padding(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the columns that are padding in every row (either side); `positions` shift with them.
+
+    Scores do not change: position ids come from the attention mask (model/scoring.py).
+    """
+    real = rows["attention_mask"].bool().any(0).nonzero()
+    start, stop = int(real[0]), int(real[-1]) + 1
+    out = {k: (v[:, start:stop] if v.ndim == 2 and v.shape[1] == rows["attention_mask"].shape[1] else v)
+           for k, v in rows.items()}
+    if "positions" in out:
+        out["positions"] = out["positions"] - start
+    return out
+
+
+def micro_batched(fn: Callable[..., Any], rows: dict[str, torch.Tensor], size: int | None,
+                  recompute: bool, **kwargs: Any) -> Any:
+    """`fn(**rows, **kwargs)` over chunks of `size` rows, outputs (a tensor or a dict of them) concatenated.
+
+    With `recompute` (training), each chunk runs under activation checkpointing: the forward keeps
+    only the chunk's inputs and scores, and backward recomputes one chunk at a time, so activation
+    memory is bounded by the micro-batch while the loss still sees the whole group (GradCache's
+    memory profile for one extra forward).
+    """
+    n = rows["attention_mask"].shape[0]
+    if not size or size >= n:
+        return fn(**rows, **kwargs)
+    outputs = []
+    for start in range(0, n, size):
+        chunk = trim_padding({k: v[start : start + size] for k, v in rows.items()})
+        if recompute:
+            outputs.append(checkpoint(fn, use_reentrant=False, **chunk, **kwargs))
+        else:
+            outputs.append(fn(**chunk, **kwargs))
+    if isinstance(outputs[0], dict):
+        return {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
+    return torch.cat(outputs)
 
 
 class RerankerModule(L.LightningModule):
@@ -65,10 +115,22 @@ class RerankerModule(L.LightningModule):
             lm = apply_lora(lm, lora)
         self.lm = lm
 
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[N, V] next-token logits at `positions`. Scoring goes through this forward so that a
+        root-level FSDP wrapper gathers the embeddings and LM head around it."""
+        return answer_logits(self.lm, input_ids, attention_mask, positions)
+
+    @property
+    def micro_batch_size(self) -> int | None:
+        """Sequences per forward inside a batch (`model.micro_batch_size`); None: all at once."""
+        return self.model_cfg.get("micro_batch_size")
+
     def score_logits(self, pair: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """[N, V] logits of the answer token for each row of a collated `pair`."""
-        positions = score_positions(pair["attention_mask"], pair.get("labels"))
-        return answer_logits(self.lm, pair["input_ids"], pair["attention_mask"], positions)
+        rows = {"input_ids": pair["input_ids"], "attention_mask": pair["attention_mask"],
+                "positions": score_positions(pair["attention_mask"], pair.get("labels"))}
+        recompute = self.training and torch.is_grad_enabled()
+        return micro_batched(self, rows, self.micro_batch_size, recompute)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         pair = batch["pair"]
@@ -125,10 +187,17 @@ class RerankerModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def export_model(self, formatter: Any, out_dir: Any, merge: bool = True,
+                     base_model: Mapping[str, Any] | None = None) -> Any:
+        """Write the trained reranker (SPEC 9); see `inference.export.export_reranker`."""
+        from ..inference.export import export_reranker
+
+        return export_reranker(self.lm, formatter, out_dir, merge=merge, base_model=base_model)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()  # `load_from_checkpoint` needs the LM before the state dict is loaded
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if not self.strict_loading:  # LoRA: keep the adapter, drop the frozen base weights
-            trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+            trainable = {_unwrapped_name(name) for name, p in self.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}

@@ -1,0 +1,143 @@
+"""Quality against cost of a Matryoshka re-ranker (SPEC 7) over exit layers x compression ratios.
+
+`python -m rerank_lightning.eval.matryoshka_grid EXPORT_DIR CANDIDATES.jsonl --out DIR
+ [--exits 8,16,24,30] [--ratios 1,2,4,8] [--compress-layers 4,8,...] [--max-queries N]`
+writes DIR/grid.csv, DIR/grid.md and DIR/grid.png (nDCG@10 and MRR@10 against the cost).
+
+Cost of one pair at (exit l, ratio r): the decoder layers it runs and the tokens each sees.
+`token_layers` = sum over the l layers of the sequence length at that layer (compression shortens
+it from each compress layer on); `gflops` = sum over layers of 2 * (parameters per layer) * length
++ 4 * length^2 * hidden (attention scores and weighted values), per pair, averaged over pairs.
+`relative_cost` = token_layers / the full model's token_layers (top exit, no compression).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..data.candidates import CandidateList, load_candidate_lists
+from .evaluate import metrics_for_scores
+
+
+def pair_cost(length: int, query_length: int, prompt_length: int, exit_layer: int, compress_layers: Sequence[int],
+              ratio: int, layer_params: int, hidden: int) -> tuple[int, float]:
+    """(token-layers, FLOPs) of one pair run to `exit_layer` with compression before each compress layer."""
+    token_layers, flops, current = 0, 0.0, length
+    for layer in range(exit_layer):
+        if ratio > 1 and layer in compress_layers and layer > 0:
+            passage = current - query_length - prompt_length
+            current = query_length + math.ceil(passage / ratio) + prompt_length
+        token_layers += current
+        flops += 2 * layer_params * current + 4 * current * current * hidden
+    return token_layers, flops
+
+
+def evaluate_grid(reranker: Any, lists: Sequence[CandidateList], exits: Sequence[int], ratios: Sequence[int],
+                  compress_layers: Sequence[int] | None = None, k: int = 10,
+                  relevance_threshold: float = 1) -> list[dict[str, Any]]:
+    """One row per (exit, ratio): metrics, cost and the compensation adapter used."""
+    pairs = [(cl.query, text) for cl in lists for text in cl.texts]
+    layers = list(reranker.matryoshka.get("compress_layers", [])) if compress_layers is None else list(compress_layers)
+    encoded = [reranker.formatter.encode_pair(q, p) for q, p in pairs]
+    lm = reranker.lm.get_base_model() if hasattr(reranker.lm, "get_base_model") else reranker.lm
+    decoder = lm.get_decoder()
+    layer_params = sum(p.numel() for p in decoder.layers[0].parameters())
+    hidden = lm.config.hidden_size
+    top = max(reranker.heads.layers)
+    full_cost = sum(pair_cost(len(e[0]), e[1], e[2], top, layers, 1, layer_params, hidden)[0] for e in encoded)
+    rows = []
+    for ratio in ratios:
+        scores = reranker.score_exits(pairs, exits, ratio, layers)
+        for layer in exits:
+            costs = [pair_cost(len(e[0]), e[1], e[2], layer, layers, ratio, layer_params, hidden) for e in encoded]
+            token_layers = sum(c[0] for c in costs)
+            rows.append({
+                "exit_layer": layer, "ratio": ratio,
+                **metrics_for_scores(lists, scores[layer], k, relevance_threshold),
+                "token_layers_per_pair": token_layers / len(encoded),
+                "gflops_per_pair": sum(c[1] for c in costs) / len(encoded) / 1e9,
+                "relative_cost": token_layers / full_cost,
+                "adapter": reranker.adapter_for(layer, ratio) or "-",
+            })
+    return rows
+
+
+def write_outputs(rows: list[dict[str, Any]], out_dir: str | Path, title: str = "", k: int = 10) -> list[Path]:
+    """grid.csv, grid.md and grid.png (metric against relative cost, one line per ratio)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fields = list(rows[0])
+    with open(out / "grid.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    md = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
+    md += ["| " + " | ".join(fmt(r[c]) for c in fields) + " |" for r in rows]
+    (out / "grid.md").write_text((f"{title}\n\n" if title else "") + "\n".join(md) + "\n")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric in zip(axes, (f"nDCG@{k}", f"MRR@{k}")):
+        for ratio in sorted({r["ratio"] for r in rows}):
+            pts = sorted((r["relative_cost"], r[metric], r["exit_layer"]) for r in rows if r["ratio"] == ratio)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"ratio {ratio}")
+            for x, y, layer in pts:
+                ax.annotate(str(layer), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        ax.set_xlabel("relative cost (token-layers; full model = 1)")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or "Matryoshka re-ranker: quality against cost (labels: exit layer)")
+    fig.tight_layout()
+    fig.savefig(out / "grid.png", dpi=120)
+    plt.close(fig)
+    return [out / "grid.csv", out / "grid.md", out / "grid.png"]
+
+
+def _ints(text: str | None) -> list[int] | None:
+    return [int(x) for x in text.split(",") if x.strip()] if text else None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from ..inference import Reranker
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir", help="a Matryoshka export (stage 1, with compensation adapters if any)")
+    parser.add_argument("candidates", help="candidate-list JSONL (SPEC 8)")
+    parser.add_argument("--out", required=True, help="folder for grid.csv, grid.md, grid.png")
+    parser.add_argument("--exits", help="comma-separated exit layers (default: every head)")
+    parser.add_argument("--ratios", default="1,2,4,8")
+    parser.add_argument("--compress-layers", help="default: the trained ones")
+    parser.add_argument("--max-queries", type=int, default=None)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--relevance-threshold", type=float, default=1)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--title", default="")
+    parser.add_argument("--no-compensation", action="store_true",
+                        help="ignore compensation adapters: the stage-1 model at every setting")
+    args = parser.parse_args(argv)
+    reranker = Reranker.from_pretrained(args.model_dir, batch_size=args.batch_size)
+    if reranker.heads is None:
+        parser.error(f"{args.model_dir} is not a Matryoshka export (no layer-wise heads)")
+    if args.no_compensation:
+        reranker.adapters = []
+    lists = load_candidate_lists(args.candidates, args.max_queries)
+    exits = _ints(args.exits) or reranker.heads.layers
+    rows = evaluate_grid(reranker, lists, exits, _ints(args.ratios), _ints(args.compress_layers), args.k,
+                         args.relevance_threshold)
+    paths = write_outputs(rows, args.out, args.title, args.k)
+    print((Path(args.out) / "grid.md").read_text())
+    print(json.dumps({"written": [str(p) for p in paths], "queries": len(lists)}))
+
+
+if __name__ == "__main__":
+    main()
