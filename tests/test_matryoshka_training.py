@@ -4,6 +4,7 @@ is picked at inference."""
 
 import copy
 import json
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -160,3 +161,44 @@ def test_bad_settings_are_named(bad, match, tiny_model_cfg):
     with pytest.raises(ValueError, match=match):
         MatryoshkaModule(model=tiny_model_cfg, yes_token_id=1, no_token_id=2, vocab_size=100,
                          matryoshka={**SETTINGS, **bad})
+
+
+def test_pair_cost_counts_tokens_per_layer_after_each_compression():
+    from rerank_lightning.eval.matryoshka_grid import pair_cost
+
+    # 20 tokens: query 5, passage 12, prompt 3. Compress before layers 2 and 3 at ratio 4:
+    # layers 0,1 see 20; from layer 2 the passage is 3 tokens (11); from layer 3 it is 1 (9).
+    tokens, flops = pair_cost(20, 5, 3, exit_layer=4, compress_layers=[2, 3], ratio=4, layer_params=10, hidden=2)
+    assert tokens == 20 + 20 + 11 + 9
+    assert flops == sum(2 * 10 * n + 4 * n * n * 2 for n in (20, 20, 11, 9))
+    assert pair_cost(20, 5, 3, 2, [2, 3], 4, 10, 2)[0] == 40  # an exit before the compress layers
+    assert pair_cost(20, 5, 3, 4, [2, 3], 1, 10, 2)[0] == 80  # ratio 1: no compression
+
+
+def test_grid_rows_match_single_settings_and_files_are_written(tmp_path, mistral_tokenizer, tiny_model_cfg):
+    from rerank_lightning.data.candidates import load_candidate_lists
+    from rerank_lightning.data.formatting import MatryoshkaFormatter
+    from rerank_lightning.eval.evaluate import metrics_for_scores
+    from rerank_lightning.eval.matryoshka_grid import evaluate_grid, write_outputs
+
+    fmt = MatryoshkaFormatter(mistral_tokenizer, 16, 48)
+    cfg = _model_cfg(tiny_model_cfg, "llama", lora=False)
+    module = MatryoshkaModule(model=cfg, yes_token_id=fmt.yes_id, no_token_id=fmt.no_id,
+                              vocab_size=len(mistral_tokenizer), recipe=fmt.recipe(), matryoshka=SETTINGS)
+    module.configure_model()
+    export = export_matryoshka(module.lm, module.heads, fmt, tmp_path / "export", module.mcfg)
+    reranker = Reranker.from_pretrained(export)
+    lists = load_candidate_lists(Path(__file__).parents[1] / "data/sample/val_candidates.jsonl", max_queries=4)
+    rows = evaluate_grid(reranker, lists, exits=[2, 4], ratios=[1, 4])
+    assert [(r["exit_layer"], r["ratio"]) for r in rows] == [(2, 1), (4, 1), (2, 4), (4, 4)]
+    pairs = [(cl.query, t) for cl in lists for t in cl.texts]
+    for r in rows:  # each row is what scoring at that one setting gives
+        single = reranker.score(pairs, exit_layer=r["exit_layer"], compress_ratio=r["ratio"])
+        assert r["nDCG@10"] == pytest.approx(metrics_for_scores(lists, single)["nDCG@10"])
+    cost = {(r["exit_layer"], r["ratio"]): r["relative_cost"] for r in rows}
+    assert cost[(4, 1)] == pytest.approx(1.0)
+    assert cost[(2, 1)] == pytest.approx(0.5)
+    assert cost[(4, 4)] < cost[(4, 1)] and cost[(2, 4)] < cost[(4, 4)]
+    paths = write_outputs(rows, tmp_path / "grid")
+    assert [p.name for p in paths] == ["grid.csv", "grid.md", "grid.png"] and all(p.stat().st_size for p in paths)
+    assert (tmp_path / "grid" / "grid.csv").read_text().count("\n") == 5
