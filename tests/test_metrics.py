@@ -85,6 +85,12 @@ def test_random_against_pytrec_eval(seed, threshold, k):
     assert_close(out["MAP"], ap)
     # the random cases really exercise ties and empty queries
     assert (out["MAP"] == 0).any() and (out["MAP"] > 0).any()
+    # each metric alone (the top-k and counting paths) agrees with trec_eval as well
+    for name, expected in (("MRR", mrr), ("nDCG", ndcg), ("MAP", ap)):
+        alone = ranking_metrics(scores, labels, mask, k=k, relevance_threshold=threshold,
+                                tie_order=docid_tie_order(docids, width=scores.shape[1]), metrics=(name,))
+        assert len(alone) == 1
+        assert_close(next(iter(alone.values())), expected)
 
 
 @pytest.mark.parametrize("threshold", [1, 2])
@@ -213,3 +219,133 @@ def test_mean_metrics_from_rows_ignores_order_and_duplicates():
     got = mean_metrics_from_rows(padded, k=3)
     for name, values in expected.items():
         assert got[name].item() == pytest.approx(values.mean().item(), abs=1e-6), name
+
+
+# --- the exact int64 rank key and the paths that use it ------------------------------------------------
+
+SPECIAL = [0.0, -0.0, 0.5, 1.0, -1.0, 1e-40, -1e-40, float("inf"), float("-inf"), float("nan"), -float("nan")]
+
+
+def tied_case(seed, num_queries=40, num_cands=50, dtype=torch.float32, padded=True, ties=True, special=False):
+    """Scores drawn from a few levels (or with signed zeros, denormals, infinities and NaNs of both
+    signs), labels -1..3, optional padding with garbage and a tie order with repeated values."""
+    gen = torch.Generator().manual_seed(seed)
+    levels = torch.tensor(SPECIAL if special else [-2.0, 0.0, 0.25, 0.5, 1.0, 3.0])
+    scores = levels[torch.randint(0, len(levels), (num_queries, num_cands), generator=gen)]
+    scores = scores.to(dtype)
+    if not ties:
+        scores = torch.randn(num_queries, num_cands, generator=gen).to(dtype)
+    labels = torch.randint(-1, 4, (num_queries, num_cands), generator=gen)
+    mask = None
+    if padded:
+        mask = torch.arange(num_cands) < torch.randint(0, num_cands + 1, (num_queries, 1), generator=gen)
+        scores = scores.masked_fill(~mask, 7.0)
+        labels = labels.masked_fill(~mask, 3)
+    tie_order = torch.randint(-3, 4, (num_queries, num_cands), generator=gen)  # many repeats
+    return scores, labels, mask, tie_order
+
+
+def sort_path(monkeypatch, *args, **kwargs):
+    """ranking_metrics through the successive stable sorts only (the reference order)."""
+    import rerank_lightning.eval.metrics as metrics_module
+
+    with monkeypatch.context() as patch:
+        patch.setattr(metrics_module, "_rank_key", lambda *a: None)
+        return ranking_metrics(*args, **kwargs)
+
+
+SUBSETS = [("MRR",), ("nDCG",), ("MAP",), ("MRR", "nDCG"), ("MRR", "MAP"), ("nDCG", "MAP"), ("MRR", "nDCG", "MAP")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("with_tie_order", [False, True])
+@pytest.mark.parametrize("special", [False, True])
+def test_fast_paths_equal_sort_path(monkeypatch, dtype, padded, with_tie_order, special):
+    """Top-k (MRR + nDCG), counting (MRR alone) and single-sort (MAP) paths give bit-identical values
+    to the three stable sorts, ties, padding, NaN / signed zeros / infinities included."""
+    import rerank_lightning.eval.metrics as metrics_module
+
+    for seed in range(3):
+        scores, labels, mask, tie_order = tied_case(seed, dtype=dtype, padded=padded, special=special)
+        tie_order = tie_order if with_tie_order else None
+        assert metrics_module._rank_key(scores.to(torch.promote_types(dtype, torch.float32)), mask,
+                                        tie_order) is not None  # the fast path really runs
+        for k in (1, 3, 10, 50, 80):
+            for threshold in (1, 2.5):
+                args = (scores, labels, mask)
+                kwargs = dict(k=k, relevance_threshold=threshold, tie_order=tie_order)
+                reference = sort_path(monkeypatch, *args, **kwargs)
+                for subset in SUBSETS:
+                    got = ranking_metrics(*args, metrics=subset, **kwargs)
+                    assert list(got) == [name for name in reference if name.split("@")[0] in subset]
+                    for name, values in got.items():
+                        assert torch.equal(values, reference[name]), (seed, k, threshold, subset, name)
+
+
+def test_fast_paths_float_labels_and_no_relevant(monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 3, (30, 20), generator=gen).float()
+    labels = torch.rand(30, 20, generator=gen) * 3 - 0.5  # float grades, some <= 0
+    labels[:5] = 0.0  # queries without any relevant candidate
+    mask = torch.rand(30, 20, generator=gen) < 0.7
+    reference = sort_path(monkeypatch, scores, labels, mask, k=5, relevance_threshold=1.5)
+    assert (reference["MRR@5"][:5] == 0).all() and (reference["MRR@5"][5:] > 0).any()
+    for subset in SUBSETS:
+        for name, values in ranking_metrics(scores, labels, mask, k=5, relevance_threshold=1.5,
+                                            metrics=subset).items():
+            assert torch.equal(values, reference[name]), (subset, name)
+
+
+def test_rank_key_orders_like_the_stable_sorts():
+    from rerank_lightning.eval.metrics import _rank_key, _ranking_order
+
+    for seed, special in ((0, False), (1, True)):
+        scores, _, mask, tie_order = tied_case(seed, special=special)
+        for tie in (None, tie_order, -tie_order):
+            key = _rank_key(scores, mask, tie)
+            order = _ranking_order(scores, mask, tie)
+            real = mask.gather(1, order)
+            by_key = key.argsort(dim=1, descending=True)
+            # same order over the real candidates (padding comes last in both, in any order)
+            assert torch.equal(torch.where(real, by_key, -1), torch.where(real, order, -1))
+            # real candidates of a row never share a key
+            ranked = key.gather(1, by_key)
+            assert ((ranked[:, :-1] > ranked[:, 1:]) | ~real[:, 1:]).all()
+
+
+def test_rank_key_falls_back_where_it_cannot_be_exact():
+    """float64 scores that float32 would merge, a huge tie_order range, float tie orders: no int64 key,
+    and the sort path still ranks them correctly."""
+    from rerank_lightning.eval.metrics import _rank_key
+
+    base = torch.tensor([[1.0, 1.0 + 1e-12, 1.0 - 1e-12, 0.5]], dtype=torch.float64)  # distinct in float64 only
+    assert base.float().unique().numel() == 2
+    assert _rank_key(base, None, None) is None
+    labels = torch.tensor([[0, 1, 0, 0]])
+    out = ranking_metrics(base, labels, k=10)
+    assert out["MRR@10"].item() == 1.0  # 1 + 1e-12 ranks first, not tied with 1.0
+    assert ranking_metrics(base, labels, k=10, metrics=("MRR",))["MRR@10"].item() == 1.0
+    # the non-representable value is padding: it does not matter, the key is exact
+    assert _rank_key(base, torch.tensor([[True, False, False, True]]), None) is not None
+
+    scores = torch.ones(1, 3)
+    labels = torch.tensor([[0, 0, 1]])
+    huge = torch.tensor([[0, -(2**40), 2**40]])
+    assert _rank_key(scores, None, huge) is None
+    assert ranking_metrics(scores, labels, tie_order=huge, metrics=("MRR",))["MRR@10"].item() == 1.0
+    assert _rank_key(scores, None, huge.double()) is None
+    assert _rank_key(scores, None, torch.tensor([[0, 1, 2]])) is not None
+
+
+def test_metrics_selection():
+    scores, labels, mask, tie_order = tied_case(0, num_queries=4, num_cands=6)
+    assert list(ranking_metrics(scores, labels, mask, k=3)) == ["MRR@3", "nDCG@3", "MAP"]
+    assert list(ranking_metrics(scores, labels, mask, k=3, metrics=("MAP", "MRR"))) == ["MRR@3", "MAP"]
+    assert list(ranking_metrics(scores, labels, mask, k=3, metrics="nDCG")) == ["nDCG@3"]
+    for bad in ((), ("MRR@10",), ("ndcg",)):
+        with pytest.raises(ValueError, match="metrics must be"):
+            ranking_metrics(scores, labels, mask, metrics=bad)
+    # no candidates at all: zeros, whatever is asked
+    empty = ranking_metrics(torch.zeros(2, 0), torch.zeros(2, 0), metrics=("MRR", "nDCG"))
+    assert all(torch.equal(v, torch.zeros(2)) for v in empty.values()) and len(empty) == 2

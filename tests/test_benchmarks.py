@@ -1,0 +1,67 @@
+"""Smoke test of benchmarks/ at quick sizes: the rows exist and the compared values agree (no timing asserts)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_metrics_quick_rows_agree():
+    pytest.importorskip("torchmetrics")
+    rows = load("bench_metrics").run(quick=True)
+    by_metric = {row["metric"]: row for row in rows}
+    assert set(by_metric) == {"MRR@10", "nDCG@10", "MRR@10 + nDCG@10"}
+    for name in ("MRR@10", "nDCG@10"):
+        row = by_metric[name]
+        assert row["max per-query diff tie-free"] <= 1e-6
+        assert row["abs mean diff tie-free"] <= 1e-6
+        assert 0 < row["tie-free queries"] < 100  # the data holds tied queries, excluded from the check
+        assert row["project ms"] > 0 and row["torchmetrics ms"] > 0 and row["speedup x"] > 0
+
+
+def test_train_step_quick_rows_agree():
+    pytest.importorskip("psutil")
+    rows = load("bench_train_step").run(quick=True)
+    projects = [row for row in rows if row["variant"] == "project"]
+    baselines = [row for row in rows if row["variant"] == "baseline"]
+    assert len(baselines) == 1 and len(projects) == 2  # whole batch per forward, and micro-batched
+    assert {row["seqs per forward"].split(",")[0].startswith("all") for row in projects} == {True, False}
+    for row in rows:
+        assert row["step s (best)"] > 0 and row["peak RSS MiB"] > 0
+    for project in projects:
+        assert project["|loss diff|"] <= 1e-4
+        # the [N, L, V] logits (8 x 32 x 32000 fp32 = 31 MiB, and its gradient) show in the baseline's peak
+        assert baselines[0]["step peak increase MiB"] > project["step peak increase MiB"]
+
+
+def test_gpu_throughput_skips_without_cuda():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the GPU benchmark would really run")
+    rows = load("gpu_throughput").run(quick=True)
+    assert len(rows) == 1 and rows[0]["status"].startswith("skipped: no CUDA")
+
+
+def test_harness_writes_tables(tmp_path, monkeypatch):
+    run = load("run")
+    fake = tmp_path / "bench_fake.py"
+    fake.write_text('TITLE = "Fake"\ndef run(quick=False):\n    return [{"case": "a", "ratio x": 2.5, "met": True}]\n')
+    monkeypatch.setattr(run, "HERE", tmp_path)
+    monkeypatch.setattr(run, "EXTRA", ())
+    md = tmp_path / "BENCH.md"
+    md.write_text("intro\n<!-- bench:fake:begin -->\nold\n<!-- bench:fake:end -->\noutro\n")
+    assert run.main(["--quick", "--out", str(tmp_path / "results"), "--update-md", str(md)]) == 0
+    result = json.loads((tmp_path / "results" / "fake.json").read_text())
+    assert result["rows"] == [{"case": "a", "ratio x": 2.5, "met": True}]
+    text = md.read_text()
+    assert "old" not in text and "| a | 2.5 | yes |" in text and text.startswith("intro") and "outro" in text
+    assert (tmp_path / "results" / "BENCHMARKS.generated.md").exists()
