@@ -9,12 +9,10 @@ from typing import Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..data.formatting import PairFormatter, formatter_from_recipe, pad_token_id
+from ..data.formatting import FORMATTERS, PairFormatter, formatter_from_recipe, pad_token_id
 from ..data.instruction import pad_batch
 from ..model.scoring import answer_logits, score_positions
 from .export import FORMAT_VERSION, RECIPE_FILE
-
-RECIPES = ("instruction", "matryoshka")
 
 
 class Reranker:
@@ -46,7 +44,7 @@ class Reranker:
         if not recipe_path.is_file():
             raise FileNotFoundError(f"{path} is not an exported reranker: {RECIPE_FILE} is missing")
         recipe = json.loads(recipe_path.read_text())
-        if recipe.get("format_version") != FORMAT_VERSION or recipe.get("recipe") not in RECIPES:
+        if recipe.get("format_version") != FORMAT_VERSION or recipe.get("recipe") not in FORMATTERS:
             raise ValueError(f"{recipe_path}: unsupported recipe {recipe.get('recipe')!r} "
                              f"version {recipe.get('format_version')!r}")
         formatter = formatter_from_recipe(auto_tokenizer(str(path)), recipe)

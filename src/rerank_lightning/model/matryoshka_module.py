@@ -81,8 +81,8 @@ class MatryoshkaModule(RerankerModule):
         self.heads: LayerwiseHeads | None = None
         self.exits: list[int] = []
         self._val_exits: dict[int, list[torch.Tensor]] = {}
-        # The frozen heads come from the stage-1 export, so only the adapter is checkpointed then.
-        self.strict_loading = not ((self.model_cfg.get("lora") or {}).get("enabled", False))
+        # strict_loading (set by RerankerModule): with LoRA only trainable weights (adapter, stage-1
+        # heads) are checkpointed; compensation's frozen heads come back from the stage-1 export.
 
     # ---- model ------------------------------------------------------------------------------------
 
