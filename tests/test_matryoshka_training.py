@@ -189,8 +189,14 @@ def test_grid_rows_match_single_settings_and_files_are_written(tmp_path, mistral
     export = export_matryoshka(module.lm, module.heads, fmt, tmp_path / "export", module.mcfg)
     reranker = Reranker.from_pretrained(export)
     lists = load_candidate_lists(Path(__file__).parents[1] / "data/sample/val_candidates.jsonl", max_queries=4)
-    rows = evaluate_grid(reranker, lists, exits=[2, 4], ratios=[1, 4])
+    per_query: list = []
+    rows = evaluate_grid(reranker, lists, exits=[2, 4], ratios=[1, 4], per_query=per_query)
     assert [(r["exit_layer"], r["ratio"]) for r in rows] == [(2, 1), (4, 1), (2, 4), (4, 4)]
+    assert len(per_query) == 4 * len(lists)
+    for r in rows:  # the grid's means are the means of its per-query rows
+        mine = [q["nDCG@10"] for q in per_query if (q["exit_layer"], q["ratio"]) == (r["exit_layer"], r["ratio"])]
+        assert [q["qid"] for q in per_query[:len(lists)]] == [cl.qid for cl in lists]
+        assert r["nDCG@10"] == pytest.approx(sum(mine) / len(mine), abs=1e-6)
     pairs = [(cl.query, t) for cl in lists for t in cl.texts]
     for r in rows:  # each row is what scoring at that one setting gives
         single = reranker.score(pairs, exit_layer=r["exit_layer"], compress_ratio=r["ratio"])
@@ -199,6 +205,51 @@ def test_grid_rows_match_single_settings_and_files_are_written(tmp_path, mistral
     assert cost[(4, 1)] == pytest.approx(1.0)
     assert cost[(2, 1)] == pytest.approx(0.5)
     assert cost[(4, 4)] < cost[(4, 1)] and cost[(2, 4)] < cost[(4, 4)]
-    paths = write_outputs(rows, tmp_path / "grid")
-    assert [p.name for p in paths] == ["grid.csv", "grid.md", "grid.png"] and all(p.stat().st_size for p in paths)
+    paths = write_outputs(rows, tmp_path / "grid", per_query=per_query)
+    assert [p.name for p in paths] == ["grid.csv", "grid.md", "grid.png", "per_query.csv"]
+    assert all(p.stat().st_size for p in paths)
     assert (tmp_path / "grid" / "grid.csv").read_text().count("\n") == 5
+    assert (tmp_path / "grid" / "per_query.csv").read_text().count("\n") == 1 + 4 * len(lists)
+
+
+def _write_grid(folder, per_query, adapter="depth"):
+    """A grid folder (grid.csv + per_query.csv) from {(exit, ratio): {qid: nDCG@10}}."""
+    from rerank_lightning.eval.matryoshka_grid import _write_csv
+
+    folder.mkdir(parents=True)
+    _write_csv(folder / "grid.csv", [{"exit_layer": l, "ratio": r, "adapter": adapter} for l, r in per_query])
+    _write_csv(folder / "per_query.csv", [{"exit_layer": l, "ratio": r, "qid": q, "nDCG@10": v}
+                                          for (l, r), values in per_query.items() for q, v in values.items()])
+
+
+def test_compare_grids_pairs_queries_and_bootstraps(tmp_path):
+    from rerank_lightning.eval.matryoshka_grid import compare_grids
+
+    base = {(8, 1): {f"q{i}": 0.5 for i in range(40)}, (30, 1): {f"q{i}": 1.0 for i in range(40)}}
+    better = {f"q{i}": (0.5 + 0.25 * (i < 30) - 0.25 * (i >= 38)) for i in range(40)}  # 30 up, 2 down, 8 same
+    _write_grid(tmp_path / "base", base)
+    _write_grid(tmp_path / "other", {(8, 1): better, (30, 1): base[(30, 1)], (16, 1): better})
+    rows = compare_grids(tmp_path / "base", tmp_path / "other", samples=500)
+    assert [(r["exit_layer"], r["ratio"]) for r in rows] == [(8, 1), (30, 1)]  # only the shared settings
+    r8, r30 = rows
+    assert r8["change"] == pytest.approx((30 * 0.25 - 2 * 0.25) / 40)
+    assert (r8["better"], r8["worse"], r8["same"]) == (30, 2, 8)
+    assert 0 < r8["ci95_low"] < r8["change"] < r8["ci95_high"]
+    assert r30["change"] == r30["ci95_low"] == r30["ci95_high"] == 0 and r30["same"] == 40
+    assert r8["nDCG@10 base"] == pytest.approx(0.5) and r8["adapter"] == "depth"
+
+
+def test_compare_grids_refuses_mismatched_queries_and_runs_from_the_cli(tmp_path, capsys):
+    from rerank_lightning.eval.matryoshka_grid import compare_grids, main
+
+    _write_grid(tmp_path / "a", {(8, 1): {"q1": 0.5, "q2": 1.0}})
+    _write_grid(tmp_path / "b", {(8, 1): {"q1": 0.5, "q3": 1.0}})
+    with pytest.raises(ValueError, match="different queries"):
+        compare_grids(tmp_path / "a", tmp_path / "b")
+    with pytest.raises(FileNotFoundError, match="per_query.csv"):
+        compare_grids(tmp_path / "a", tmp_path / "missing")
+    _write_grid(tmp_path / "c", {(8, 1): {"q1": 1.0, "q2": 1.0}})
+    main(["compare", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "cmp")])
+    out = capsys.readouterr().out
+    assert "mean change nDCG@10 +0.2500" in out
+    assert (tmp_path / "cmp" / "compare.csv").read_text().splitlines()[1].startswith("8,1,depth,0.75,1.0,0.25")

@@ -11,17 +11,30 @@ from typing import Sequence
 import torch
 
 from ..data.candidates import CandidateList, load_beir_rerank, load_candidate_lists
-from .metrics import docid_tie_order, mean_metrics_from_rows
+from .metrics import docid_tie_order, per_query_metrics_from_rows
 
 
 def metrics_for_scores(lists: Sequence[CandidateList], scores: Sequence[float], k: int = 10,
                        relevance_threshold: float = 1) -> dict[str, float]:
     """Mean MRR@k, nDCG@k and MAP of one score per candidate (the lists flattened in order)."""
+    per_query = per_query_metrics_for_scores(lists, scores, k, relevance_threshold)
+    return {name: float(v.mean()) for name, v in per_query.items()}
+
+
+def default_device(name: str | None = None) -> torch.device:
+    """The device named, else the first GPU when there is one, else the CPU."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def per_query_metrics_for_scores(lists: Sequence[CandidateList], scores: Sequence[float], k: int = 10,
+                                 relevance_threshold: float = 1) -> dict[str, torch.Tensor]:
+    """{metric: [Q] float64} per query, in the order of `lists`."""
+    if len(scores) != sum(len(cl.labels) for cl in lists):
+        raise ValueError(f"{len(scores)} scores for {sum(len(cl.labels) for cl in lists)} candidates")
     ties = docid_tie_order([list(cl.docids) for cl in lists])
     keys = [(qi, ci, label, int(ties[qi, ci])) for qi, cl in enumerate(lists) for ci, label in enumerate(cl.labels)]
     rows = torch.tensor([(*key, score) for key, score in zip(keys, scores)], dtype=torch.float64)
-    metrics = mean_metrics_from_rows(rows, k, relevance_threshold)
-    return {name: float(v) for name, v in metrics.items()}
+    return per_query_metrics_from_rows(rows, k, relevance_threshold)
 
 
 def evaluate(reranker, lists: Sequence[CandidateList], k: int = 10, relevance_threshold: float = 1,
@@ -45,8 +58,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--relevance-threshold", type=float, default=1)
     parser.add_argument("--max-queries", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     args = parser.parse_args(argv)
-    reranker = Reranker.from_pretrained(args.model_dir, batch_size=args.batch_size)
+    reranker = Reranker.from_pretrained(args.model_dir, device=default_device(args.device), batch_size=args.batch_size)
     if args.run:
         lists = load_beir_rerank(args.candidates, args.run, args.split, args.top_k)[: args.max_queries]
     else:

@@ -1,8 +1,12 @@
 """Quality against cost of a Matryoshka re-ranker (SPEC 7) over exit layers x compression ratios.
 
 `python -m rerank_lightning.eval.matryoshka_grid EXPORT_DIR CANDIDATES.jsonl --out DIR
- [--exits 8,16,24,30] [--ratios 1,2,4,8] [--compress-layers 4,8,...] [--max-queries N]`
-writes DIR/grid.csv, DIR/grid.md and DIR/grid.png (nDCG@10 and MRR@10 against the cost).
+ [--exits 8,16,24,30] [--ratios 1,2,4,8] [--compress-layers 4,8,...] [--max-queries N] [--device cuda]`
+writes DIR/grid.csv, DIR/grid.md and DIR/grid.png (nDCG@10 and MRR@10 against the cost) and
+DIR/per_query.csv (each setting's metrics per query).
+`python -m rerank_lightning.eval.matryoshka_grid compare BASE_DIR OTHER_DIR [--out DIR]` pairs two such
+grids query by query (e.g. without and with the compensation adapters): the mean change per setting
+with a paired bootstrap 95% interval, and how many queries got better or worse.
 
 Cost of one pair at (exit l, ratio r): the decoder layers it runs and the tokens each sees.
 `token_layers` = sum over the l layers of the sequence length at that layer (compression shortens
@@ -17,11 +21,14 @@ import argparse
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 from ..data.candidates import CandidateList, load_candidate_lists
-from .evaluate import metrics_for_scores
+from .evaluate import default_device, per_query_metrics_for_scores
 
 
 def pair_cost(length: int, query_length: int, prompt_length: int, exit_layer: int, compress_layers: Sequence[int],
@@ -39,8 +46,12 @@ def pair_cost(length: int, query_length: int, prompt_length: int, exit_layer: in
 
 def evaluate_grid(reranker: Any, lists: Sequence[CandidateList], exits: Sequence[int], ratios: Sequence[int],
                   compress_layers: Sequence[int] | None = None, k: int = 10,
-                  relevance_threshold: float = 1) -> list[dict[str, Any]]:
-    """One row per (exit, ratio): metrics, cost and the compensation adapter used."""
+                  relevance_threshold: float = 1,
+                  per_query: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One row per (exit, ratio): metrics, cost and the compensation adapter used.
+
+    `per_query`, when given a list, receives one row per (exit, ratio, query) with that query's metrics.
+    """
     pairs = [(cl.query, text) for cl in lists for text in cl.texts]
     layers = list(reranker.matryoshka.get("compress_layers", [])) if compress_layers is None else list(compress_layers)
     encoded = [reranker.formatter.encode_pair(q, p) for q, p in pairs]
@@ -56,9 +67,14 @@ def evaluate_grid(reranker: Any, lists: Sequence[CandidateList], exits: Sequence
         for layer in exits:
             costs = [pair_cost(len(e[0]), e[1], e[2], layer, layers, ratio, layer_params, hidden) for e in encoded]
             token_layers = sum(c[0] for c in costs)
+            by_query = per_query_metrics_for_scores(lists, scores[layer], k, relevance_threshold)
+            if per_query is not None:
+                per_query.extend({"exit_layer": layer, "ratio": ratio, "qid": cl.qid,
+                                  **{name: float(v[qi]) for name, v in by_query.items()}}
+                                 for qi, cl in enumerate(lists))
             rows.append({
                 "exit_layer": layer, "ratio": ratio,
-                **metrics_for_scores(lists, scores[layer], k, relevance_threshold),
+                **{name: float(v.mean()) for name, v in by_query.items()},
                 "token_layers_per_pair": token_layers / len(encoded),
                 "gflops_per_pair": sum(c[1] for c in costs) / len(encoded) / 1e9,
                 "relative_cost": token_layers / full_cost,
@@ -67,8 +83,25 @@ def evaluate_grid(reranker: Any, lists: Sequence[CandidateList], exits: Sequence
     return rows
 
 
-def write_outputs(rows: list[dict[str, Any]], out_dir: str | Path, title: str = "", k: int = 10) -> list[Path]:
-    """grid.csv, grid.md and grid.png (metric against relative cost, one line per ratio)."""
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _markdown(rows: list[dict[str, Any]]) -> str:
+    fields = list(rows[0])
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    md = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
+    md += ["| " + " | ".join(fmt(r[c]) for c in fields) + " |" for r in rows]
+    return "\n".join(md) + "\n"
+
+
+def write_outputs(rows: list[dict[str, Any]], out_dir: str | Path, title: str = "", k: int = 10,
+                  per_query: list[dict[str, Any]] | None = None) -> list[Path]:
+    """grid.csv, grid.md and grid.png (metric against relative cost, one line per ratio), and
+    per_query.csv when `per_query` rows are given."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,15 +109,12 @@ def write_outputs(rows: list[dict[str, Any]], out_dir: str | Path, title: str = 
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fields = list(rows[0])
-    with open(out / "grid.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-    md = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
-    md += ["| " + " | ".join(fmt(r[c]) for c in fields) + " |" for r in rows]
-    (out / "grid.md").write_text((f"{title}\n\n" if title else "") + "\n".join(md) + "\n")
+    _write_csv(out / "grid.csv", rows)
+    (out / "grid.md").write_text((f"{title}\n\n" if title else "") + _markdown(rows))
+    written = [out / "grid.csv", out / "grid.md", out / "grid.png"]
+    if per_query:
+        _write_csv(out / "per_query.csv", per_query)
+        written.append(out / "per_query.csv")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, metric in zip(axes, (f"nDCG@{k}", f"MRR@{k}")):
         for ratio in sorted({r["ratio"] for r in rows}):
@@ -100,7 +130,80 @@ def write_outputs(rows: list[dict[str, Any]], out_dir: str | Path, title: str = 
     fig.tight_layout()
     fig.savefig(out / "grid.png", dpi=120)
     plt.close(fig)
-    return [out / "grid.csv", out / "grid.md", out / "grid.png"]
+    return written
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the grid into {path.parent} first")
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def compare_grids(base_dir: str | Path, other_dir: str | Path, metric: str = "nDCG@10", samples: int = 2000,
+                  seed: int = 0) -> list[dict[str, Any]]:
+    """Per (exit, ratio) in both grids: `other` minus `base` on `metric`, paired query by query.
+
+    Each row: the adapter `other` used, both means, the mean change with a paired bootstrap 95%
+    interval (queries resampled with replacement, `samples` times) and the queries that got better,
+    worse or stayed the same. Both grids must hold the same queries (their per_query.csv).
+    """
+    base_dir, other_dir = Path(base_dir), Path(other_dir)
+    per = {}
+    for name, folder in (("base", base_dir), ("other", other_dir)):
+        table: dict[tuple[int, int], dict[str, float]] = {}
+        for r in _read_csv(folder / "per_query.csv"):
+            if metric not in r:
+                raise ValueError(f"{folder / 'per_query.csv'} has no column {metric!r}")
+            setting = table.setdefault((int(r["exit_layer"]), int(r["ratio"])), {})
+            if r["qid"] in setting:
+                raise ValueError(f"{folder / 'per_query.csv'}: qid {r['qid']!r} appears twice in one setting")
+            setting[r["qid"]] = float(r[metric])
+        per[name] = table
+    adapters = {(int(r["exit_layer"]), int(r["ratio"])): r["adapter"] for r in _read_csv(other_dir / "grid.csv")}
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for key in sorted(set(per["base"]) & set(per["other"]), key=lambda kv: (kv[1], kv[0])):
+        base, other = per["base"][key], per["other"][key]
+        if set(base) != set(other):
+            raise ValueError(f"exit {key[0]} ratio {key[1]}: the two grids scored different queries")
+        qids = sorted(base)
+        diff = torch.tensor([other[q] - base[q] for q in qids], dtype=torch.float64)
+        picks = torch.randint(len(qids), (samples, len(qids)), generator=gen)
+        boot = diff[picks].mean(dim=1)
+        rows.append({
+            "exit_layer": key[0], "ratio": key[1], "adapter": adapters.get(key, "?"),
+            f"{metric} base": sum(base.values()) / len(qids), f"{metric} other": sum(other.values()) / len(qids),
+            "change": float(diff.mean()), "ci95_low": float(boot.quantile(0.025)),
+            "ci95_high": float(boot.quantile(0.975)),
+            "better": int((diff > 0).sum()), "worse": int((diff < 0).sum()), "same": int((diff == 0).sum()),
+        })
+    if not rows:
+        raise ValueError(f"{base_dir} and {other_dir} share no (exit, ratio) setting")
+    return rows
+
+
+def _compare_main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="matryoshka_grid compare",
+                                     description="pair two grids query by query (other minus base)")
+    parser.add_argument("base_dir")
+    parser.add_argument("other_dir")
+    parser.add_argument("--metric", default="nDCG@10")
+    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--out", help="folder for compare.csv and compare.md (default: print only)")
+    args = parser.parse_args(argv)
+    rows = compare_grids(args.base_dir, args.other_dir, args.metric, args.samples)
+    changed = [r for r in rows if r["adapter"] != "-"]
+    summary = (f"{len(changed)} settings use an adapter; mean change {args.metric} "
+               f"{sum(r['change'] for r in changed) / max(len(changed), 1):+.4f}; interval above 0 in "
+               f"{sum(r['ci95_low'] > 0 for r in changed)}, below 0 in {sum(r['ci95_high'] < 0 for r in changed)}")
+    text = _markdown(rows) + "\n" + summary + "\n"
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_csv(out / "compare.csv", rows)
+        (out / "compare.md").write_text(text)
+    print(text)
 
 
 def _ints(text: str | None) -> list[int] | None:
@@ -110,6 +213,9 @@ def _ints(text: str | None) -> list[int] | None:
 def main(argv: Sequence[str] | None = None) -> None:
     from ..inference import Reranker
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:
+        return _compare_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", help="a Matryoshka export (stage 1, with compensation adapters if any)")
     parser.add_argument("candidates", help="candidate-list JSONL (SPEC 8)")
@@ -122,19 +228,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--relevance-threshold", type=float, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--title", default="")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--no-compensation", action="store_true",
                         help="ignore compensation adapters: the stage-1 model at every setting")
     args = parser.parse_args(argv)
-    reranker = Reranker.from_pretrained(args.model_dir, batch_size=args.batch_size)
+    reranker = Reranker.from_pretrained(args.model_dir, device=default_device(args.device), batch_size=args.batch_size)
     if reranker.heads is None:
         parser.error(f"{args.model_dir} is not a Matryoshka export (no layer-wise heads)")
     if args.no_compensation:
         reranker.adapters = []
     lists = load_candidate_lists(args.candidates, args.max_queries)
     exits = _ints(args.exits) or reranker.heads.layers
+    per_query: list[dict[str, Any]] = []
     rows = evaluate_grid(reranker, lists, exits, _ints(args.ratios), _ints(args.compress_layers), args.k,
-                         args.relevance_threshold)
-    paths = write_outputs(rows, args.out, args.title, args.k)
+                         args.relevance_threshold, per_query)
+    paths = write_outputs(rows, args.out, args.title, args.k, per_query)
     print((Path(args.out) / "grid.md").read_text())
     print(json.dumps({"written": [str(p) for p in paths], "queries": len(lists)}))
 

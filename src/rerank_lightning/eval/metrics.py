@@ -221,12 +221,18 @@ def mean_metrics_from_rows(rows: torch.Tensor, k: int = 10, relevance_threshold:
 
     Rows may come in any order and may repeat (a distributed sampler pads with duplicates).
     """
+    per_query = per_query_metrics_from_rows(rows, k, relevance_threshold, metrics)
+    return {name: values.mean() for name, values in per_query.items()}
+
+
+def per_query_metrics_from_rows(rows: torch.Tensor, k: int = 10, relevance_threshold: float = 1.0,
+                                metrics: Iterable[str] = METRICS) -> dict[str, torch.Tensor]:
+    """Per-query metrics ([Q] each, indexed by query index) from rows as in `mean_metrics_from_rows`."""
     qi, ci = rows[:, 0].long(), rows[:, 1].long()
     shape = (int(qi.max()) + 1, int(ci.max()) + 1)
     label, tie, score = (torch.zeros(shape, dtype=rows.dtype, device=rows.device) for _ in range(3))
     mask = torch.zeros(shape, dtype=torch.bool, device=rows.device)
     label[qi, ci], tie[qi, ci], score[qi, ci] = rows[:, 2], rows[:, 3], rows[:, 4]
     mask[qi, ci] = True
-    per_query = ranking_metrics(score, label, mask, k=k, relevance_threshold=relevance_threshold,
-                                tie_order=tie.long(), metrics=metrics)
-    return {name: values.mean() for name, values in per_query.items()}
+    return ranking_metrics(score, label, mask, k=k, relevance_threshold=relevance_threshold,
+                           tie_order=tie.long(), metrics=metrics)
