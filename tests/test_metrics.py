@@ -349,3 +349,21 @@ def test_metrics_selection():
     # no candidates at all: zeros, whatever is asked
     empty = ranking_metrics(torch.zeros(2, 0), torch.zeros(2, 0), metrics=("MRR", "nDCG"))
     assert all(torch.equal(v, torch.zeros(2)) for v in empty.values()) and len(empty) == 2
+
+
+def test_per_query_metrics_for_candidate_lists_and_their_mean():
+    """eval.evaluate: per-query metrics in the lists' order; the mean is metrics_for_scores; a score
+    count that does not match the candidates is refused instead of silently misaligned."""
+    from rerank_lightning.data.candidates import CandidateList
+    from rerank_lightning.eval.evaluate import default_device, metrics_for_scores, per_query_metrics_for_scores
+
+    lists = [CandidateList("a", "q1", ("d1", "d2"), ("t1", "t2"), (0, 1)),
+             CandidateList("b", "q2", ("d3", "d4", "d5"), ("t3", "t4", "t5"), (1, 0, 0))]
+    scores = [0.9, 0.1, 0.8, 0.2, 0.3]  # q1: the relevant one ranked 2nd; q2: ranked 1st
+    per_query = per_query_metrics_for_scores(lists, scores)
+    assert per_query["MRR@10"].tolist() == [0.5, 1.0]
+    assert metrics_for_scores(lists, scores)["MRR@10"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="4 scores for 5 candidates"):
+        per_query_metrics_for_scores(lists, scores[:4])
+    assert default_device("cpu") == torch.device("cpu")
+    assert default_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
