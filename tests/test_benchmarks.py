@@ -64,3 +64,34 @@ def test_harness_writes_tables(tmp_path, monkeypatch):
     text = md.read_text()
     assert "old" not in text and "| a | 2.5 | yes |" in text and text.startswith("intro") and "outro" in text
     assert (tmp_path / "results" / "BENCHMARKS.generated.md").exists()
+
+
+def test_matryoshka_run_script_splits_wikiqa_without_overlap(tmp_path, shared_data):
+    """benchmarks/matryoshka_smollm2_gpu.sh `data`: every 4th training query held out as candidate
+    lists (never trained on), appended to the dev lists; the rest is the training file."""
+    import os
+    import subprocess
+    import sys
+
+    from rerank_lightning.data.candidates import load_candidate_lists
+
+    env = {**os.environ, "DATA": str(shared_data / "wikiqa"), "WORK": str(tmp_path), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(BENCH / "matryoshka_smollm2_gpu.sh"), "data"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    source = [json.loads(line) for line in open(shared_data / "wikiqa" / "train_flag.jsonl")]
+    train = [json.loads(line) for line in open(tmp_path / "train_split.jsonl")]
+    lists = load_candidate_lists(tmp_path / "eval_candidates.jsonl")
+    dev = load_candidate_lists(shared_data / "wikiqa" / "dev_rerank_candidates.jsonl")
+    held = lists[len(dev):]
+    assert [cl.qid for cl in lists[:len(dev)]] == [cl.qid for cl in dev]
+    assert len(train) + len(held) == len(source) and len(held) == len(source) // 4
+    assert train == [r for i, r in enumerate(source) if i % 4 != 3]
+    trained = {r["query"] for r in train}
+    assert not any(cl.query in trained for cl in lists)  # neither held-out nor dev queries were trained on
+    for cl, record in zip(held, [r for i, r in enumerate(source) if i % 4 == 3]):
+        assert cl.query == record["query"]
+        assert list(cl.texts) == record["pos"] + record["neg"]
+        assert list(cl.labels) == [1] * len(record["pos"]) + [0] * len(record["neg"])
+    assert len({cl.qid for cl in lists}) == len(lists)
+    assert "train queries 643, held out 214" in done.stdout
