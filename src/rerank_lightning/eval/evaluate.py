@@ -28,7 +28,7 @@ def default_device(name: str | None = None) -> torch.device:
 
 def per_query_metrics_for_scores(lists: Sequence[CandidateList], scores: Sequence[float], k: int = 10,
                                  relevance_threshold: float = 1) -> dict[str, torch.Tensor]:
-    """{metric: [Q] float64} per query, in the order of `lists`."""
+    """{metric: [Q] float32} per query, in the order of `lists` (`ranking_metrics`' values)."""
     if len(scores) != sum(len(cl.labels) for cl in lists):
         raise ValueError(f"{len(scores)} scores for {sum(len(cl.labels) for cl in lists)} candidates")
     ties = docid_tie_order([list(cl.docids) for cl in lists])

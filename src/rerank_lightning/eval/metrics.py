@@ -128,17 +128,15 @@ def ranking_metrics(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tens
         return _named(out, wanted, k)
 
     cut = min(k, num_cands)
-    if "MAP" in wanted:  # the full rank order
-        if key is not None:
-            order = key.argsort(dim=1, descending=True)  # keys of real candidates are distinct
-        else:
-            order = _ranking_order(scores, torch.ones_like(scores, dtype=torch.bool) if mask is None else mask,
-                                   tie_order)
-    elif key is not None:  # MRR and nDCG only depend on the top k
-        order = key.topk(cut, dim=1).indices  # sorted, descending
-    else:
+    if key is None:  # MAP needs the full rank order; MRR and nDCG only its top k
         order = _ranking_order(scores, torch.ones_like(scores, dtype=torch.bool) if mask is None else mask,
-                               tie_order)[:, :cut]
+                               tie_order)
+        if "MAP" not in wanted:
+            order = order[:, :cut]
+    elif "MAP" in wanted:
+        order = key.argsort(dim=1, descending=True)  # keys of real candidates are distinct
+    else:
+        order = key.topk(cut, dim=1).indices  # sorted, descending
     ranked_labels = labels.gather(1, order).to(work)
     rel = ranked_labels >= relevance_threshold
     if mask is not None:
