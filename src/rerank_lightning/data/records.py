@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
 import random
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -13,6 +15,19 @@ from typing import Any, Iterable, Sequence
 log = logging.getLogger(__name__)
 
 DATA_SUFFIXES = (".json", ".jsonl")
+# The fields of SPEC 1's table; any other key is reported (a misspelt optional one switches a feature off).
+RECORD_FIELDS = ("query", "pos", "neg", "pos_scores", "neg_scores", "prompt")
+# First bytes of files that are not UTF-8 JSON text, with what to do about them.
+NOT_TEXT = {
+    b"\x1f\x8b": "is gzip-compressed; decompress it (gunzip -k)",
+    b"BZh": "is bzip2-compressed; decompress it (bunzip2 -k)",
+    b"\xfd7zXZ\x00": "is xz-compressed; decompress it (unxz -k)",
+    b"(\xb5/\xfd": "is zstd-compressed; decompress it (unzstd)",
+    b"PK\x03\x04": "is a zip archive; extract the JSONL file from it",
+    b"\xff\xfe": "is UTF-16 text; re-encode it as UTF-8",
+    b"\xfe\xff": "is UTF-16 text; re-encode it as UTF-8",
+}
+UTF8_BOM = b"\xef\xbb\xbf"  # written by some editors; an encoding mark, not data: dropped
 
 
 class DataFormatError(ValueError):
@@ -41,6 +56,13 @@ class LoadReport:
 
     kept: dict[str, int] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    # unknown key -> (records holding it, "file:line" of the first)
+    unknown_fields: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+    def note_unknown(self, keys: Iterable[str], where: str) -> None:
+        for key in keys:
+            count, first = self.unknown_fields.get(key, (0, where))
+            self.unknown_fields[key] = (count + 1, first)
 
 
 def expand_paths(train_data: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -54,7 +76,9 @@ def expand_paths(train_data: str | Path | Sequence[str | Path]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES and p.is_file())
             if not found:
-                raise DataFormatError(f"{path}: directory holds no *.json or *.jsonl file")
+                others = sorted(p.name for p in path.iterdir())
+                holds = f" (it holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''})" if others else ""
+                raise DataFormatError(f"{path}: directory holds no *.json or *.jsonl file{holds}")
             paths.extend(found)
         elif path.is_file():
             paths.append(path)
@@ -83,8 +107,29 @@ def _score_list(value: Any, name: str, length: int, of: str) -> tuple[float, ...
     for j, item in enumerate(value):
         # bool is an int subclass in Python; a true/false score is a data error, not 1.0/0.0
         if isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item):
-            raise ValueError(f"field '{name}[{j}]': expected a finite number, got {item!r}")
+            shown = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}.get(repr(item), repr(item))
+            raise ValueError(f"field '{name}[{j}]': expected a finite number, got {shown}")
+        if not _fits_float32(item):
+            raise ValueError(f"field '{name}[{j}]': expected a number float32 can hold "
+                             f"(|x| <= 3.4e38; teacher scores are cast to float32), got {item!r}")
     return tuple(float(x) for x in value)
+
+
+def _fits_float32(x: float) -> bool:
+    """Whether `x` stays finite cast to float32 (1e39 is finite in JSON and inf in float32)."""
+    try:
+        struct.pack("<f", x)
+    except OverflowError:
+        return False
+    return True
+
+
+def unknown_field_hint(key: str) -> str:
+    """Why an unknown record key is ignored, and the field it probably meant."""
+    close = difflib.get_close_matches(key.lower(), RECORD_FIELDS, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    return f"training records have only {', '.join(RECORD_FIELDS)}"
 
 
 def parse_record(obj: Any, need_negatives: bool) -> TrainRecord:
@@ -114,37 +159,100 @@ def parse_record(obj: Any, need_negatives: bool) -> TrainRecord:
     return TrainRecord(query, pos, neg, pos_scores, neg_scores, prompt)
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`object_pairs_hook` refusing a key given twice (json keeps the last value silently)."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(f"field '{key}': given twice in one object; JSON would keep only the last value")
+        obj[key] = value
+    return obj
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
+def _decode(line: str) -> Any:
+    """One JSON value; a ValueError naming the problem (syntax, column or duplicate key) otherwise."""
+    try:
+        obj, end = _DECODER.raw_decode(line, len(line) - len(line.lstrip()))
+    except _DuplicateKey:
+        raise
+    except json.JSONDecodeError as err:
+        raise ValueError(f"invalid JSON: {err.msg} (column {err.colno})") from None
+    if line[end:].strip():
+        raise ValueError(f"invalid JSON: extra data after the record (column {end + 1}); one record per line")
+    return obj
+
+
 def _list_items(text: str) -> Iterable[tuple[int, Any]]:
-    """(line where it starts, object) for each element of a valid JSON list."""
-    decoder = json.JSONDecoder()
+    """(line where it starts, object or ValueError) for each element of a valid JSON list."""
     pos = text.index("[") + 1
     while True:
         while text[pos] in " \t\r\n,":
             pos += 1
         if text[pos] == "]":
             return
-        obj, end = decoder.raw_decode(text, pos)
-        yield text.count("\n", 0, pos) + 1, obj
-        pos = end
+        lineno = text.count("\n", 0, pos) + 1
+        try:
+            obj, pos = _DECODER.raw_decode(text, pos)
+        except _DuplicateKey as err:
+            yield lineno, err
+            pos = json.JSONDecoder().raw_decode(text, pos)[1]
+            continue
+        yield lineno, obj
+
+
+def _text_lines(path: Path) -> list[str | ValueError]:
+    """The file's lines as text; a line that is not UTF-8 becomes a ValueError naming the byte."""
+    data = path.read_bytes()
+    for magic, advice in NOT_TEXT.items():
+        if data.startswith(magic):
+            raise DataFormatError(f"{path}: {advice}; training data must be UTF-8 JSON Lines (SPEC 1)")
+    if not data.strip():
+        raise DataFormatError(f"{path}: file is empty; expected JSON Lines, one training record per line")
+    data = data.removeprefix(UTF8_BOM)
+    lines: list[str | ValueError] = []
+    offset = 0
+    for raw in data.split(b"\n"):
+        try:
+            lines.append(raw.decode("utf-8").removesuffix("\r"))
+        except UnicodeDecodeError as err:
+            lines.append(ValueError(
+                f"not UTF-8 text: byte 0x{raw[err.start]:02x} at byte offset {offset + err.start} of the file "
+                f"(byte {err.start + 1} of the line); re-encode the file as UTF-8"))
+        offset += len(raw) + 1
+    return lines
 
 
 def _lines(path: Path) -> Iterable[tuple[int, Any]]:
-    """(line number, decoded object) for JSONL, or for a .json file holding a list."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
+    """(line number, decoded object or the ValueError that line raised) for JSONL, or for a .json file
+    holding a list. Blank lines are not records: they are passed over, and still counted in line numbers."""
+    lines = _text_lines(path)
+    first = next((x for x in lines if isinstance(x, ValueError) or x.strip()), "")
+    if path.suffix == ".json" and isinstance(first, str) and first.lstrip().startswith("["):
+        bad = next(((n, x) for n, x in enumerate(lines, start=1) if isinstance(x, ValueError)), None)
+        if bad is not None:
+            raise DataFormatError(f"{path}:{bad[0]}: {bad[1]}")
+        text = "\n".join(lines)  # type: ignore[arg-type]
         try:
             json.loads(text)
         except json.JSONDecodeError as err:
             raise DataFormatError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
         yield from _list_items(text)
         return
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as err:
-            yield lineno, DataFormatError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})")
+    for lineno, line in enumerate(lines, start=1):
+        if isinstance(line, ValueError):
+            yield lineno, line
+        elif line.strip():
+            try:
+                yield lineno, _decode(line)
+            except ValueError as err:
+                yield lineno, err
 
 
 def load_records(
@@ -164,20 +272,27 @@ def load_records(
         kept: list[TrainRecord] = []
         for lineno, obj in _lines(path):
             try:
-                if isinstance(obj, DataFormatError):
+                if isinstance(obj, ValueError):
                     raise obj
                 kept.append(parse_record(obj, need_negatives))
-            except (ValueError, DataFormatError) as err:
-                message = str(err) if isinstance(err, DataFormatError) else f"{path}:{lineno}: {err}"
+            except ValueError as err:
+                message = f"{path}:{lineno}: {err}"
                 if on_error == "raise":
                     raise DataFormatError(message) from None
                 report.skipped.append(message)
+                continue
+            report.note_unknown((key for key in obj if key not in RECORD_FIELDS), f"{path}:{lineno}")
         if not kept:
-            raise DataFormatError(f"{path}: no valid record")
+            skipped = sum(m.startswith(f"{path}:") for m in report.skipped)
+            raise DataFormatError(f"{path}: no valid record" + (f" ({skipped} skipped, on_error=skip)" if skipped
+                                                                else "; expected JSON Lines, one record per line"))
         if max_example_num_per_dataset is not None and len(kept) > max_example_num_per_dataset:
             kept = random.Random(seed).sample(kept, max_example_num_per_dataset)
         report.kept[str(path)] = len(kept)
         records.extend(kept)
+    for key, (count, first) in report.unknown_fields.items():
+        log.warning("%s: field '%s' (in %d record(s)) is not a training field and is ignored; %s",
+                    first, key, count, unknown_field_hint(key))
     if report.skipped:
         log.warning(
             "skipped %d bad training records (on_error=skip); first: %s",

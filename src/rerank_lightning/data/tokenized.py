@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 STORE_VERSION = 2  # bump when the stored columns or their meaning change
 MAP_BATCH_SIZE = 256
-# Text whose ids tell tokenizers apart beyond their vocabulary (normalisation, merges, byte fallback).
-PROBE_TEXT = "A: Who wrote Hamlet?\nB: Shakespeare wrote it in 1600 — naïve café 東京 🙂 don't\t$3.50"
+# Text whose ids tell tokenizers apart beyond their vocabulary (normalisation, merges, byte fallback,
+# leading and double spaces: sentencepiece and transformers' fast Llama tokenizer differ there).
+PROBE_TEXT = " A: Who wrote  Hamlet?\nB: Shakespeare wrote it in 1600 — naïve café 東京 🙂 don't\t$3.50"
 FEATURES = datasets.Features({
     "query_ids": datasets.Sequence(datasets.Value("int32")),
     "num_pos": datasets.Value("int32"),

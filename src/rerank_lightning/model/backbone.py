@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from transformers import SentencePieceBackend
 
 log = logging.getLogger(__name__)
 
@@ -86,36 +87,104 @@ def _source(cfg: Mapping[str, Any]) -> str:
     return resolve_pretrained(cfg["pretrained"])
 
 
-def auto_tokenizer(name_or_path: str, **kwargs: Any) -> Any:
+def auto_tokenizer(name_or_path: str, sentencepiece_exact: bool = True, **kwargs: Any) -> Any:
     """AutoTokenizer, except that a local folder's own `tokenizer_class` wins: transformers 5 prefers
     the class mapped from config.json's model type, so a Llama tokenizer saved beside a Qwen2 model
-    would come back as Qwen2's."""
+    would come back as Qwen2's. With `sentencepiece_exact`, a tokenizer shipped as a sentencepiece
+    `tokenizer.model` encodes with sentencepiece itself (see `exact_sentencepiece`)."""
     import transformers
 
     config = Path(name_or_path) / "tokenizer_config.json"
+    tok = None
     if config.is_file():
         name = json.loads(config.read_text()).get("tokenizer_class")
         cls = getattr(transformers, name, None) if isinstance(name, str) else None
         if cls is not None:
-            return cls.from_pretrained(name_or_path, **kwargs)
-    return transformers.AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+            tok = cls.from_pretrained(name_or_path, **kwargs)
+    if tok is None:
+        tok = transformers.AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    return exact_sentencepiece(tok) if sentencepiece_exact else tok
+
+
+class TokenizerMismatchError(ValueError):
+    """A tokenizer's sentencepiece model does not hold the vocabulary its fast tokenizer uses."""
+
+
+class SentencePieceTokenizer(SentencePieceBackend):
+    """transformers' sentencepiece backend (the `use_fast=False` tokenizer of transformers 4), saved
+    under the class name of the tokenizer it stands in for, so that any transformers version loads
+    the folder (`LlamaTokenizer`, `GemmaTokenizer`, ...)."""
+
+    def __init__(self, *args: Any, saved_class: str = "LlamaTokenizer", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.saved_class = saved_class
+
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        config = Path(save_directory) / "tokenizer_config.json"
+        data = json.loads(config.read_text(encoding="utf-8"))
+        data["tokenizer_class"] = self.saved_class
+        for key in ("backend", "saved_class", "special_tokens_pattern"):  # this class's own settings
+            data.pop(key, None)
+        data["add_bos_token"] = self.special_tokens_pattern in ("bos", "bos_eos")
+        data["add_eos_token"] = self.special_tokens_pattern in ("eos", "bos_eos")
+        config.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+        return files
+
+
+def exact_sentencepiece(tok: Any) -> Any:
+    """The same tokenizer encoding with sentencepiece itself when it ships a sentencepiece model.
+
+    FlagEmbedding loads its tokenizer with `use_fast=False`, i.e. sentencepiece. transformers 5 has
+    only the converted `tokenizers` version for Llama/Mistral/Gemma, which splits runs of spaces
+    differently (`a  b` -> `▁a ▁▁ b`, sentencepiece: `▁a ▁ ▁b`) and drops a leading space. Tokenizers
+    without a sentencepiece `tokenizer.model` (BPE: SmolLM2, Qwen2, Llama 3; GGUF files) are returned as
+    they are. The vocabulary, special and added tokens and padding are taken over and checked id by id.
+    """
+    model_file = getattr(tok, "vocab_file", None)
+    if isinstance(tok, SentencePieceTokenizer) or not model_file or not str(model_file).endswith(".model"):
+        return tok
+    if not Path(model_file).is_file():
+        return tok
+    probe = tok("x")["input_ids"]
+    pattern = {(True, False): "bos", (False, True): "eos", (True, True): "bos_eos"}.get(
+        (probe[:1] == [tok.bos_token_id], probe[-1:] == [tok.eos_token_id]))
+    exact = SentencePieceTokenizer(
+        vocab_file=str(model_file), legacy=True, special_tokens_pattern=pattern,
+        saved_class=type(tok).__name__.removesuffix("Fast"),
+        bos_token=tok.bos_token, eos_token=tok.eos_token, unk_token=tok.unk_token, pad_token=tok.pad_token,
+        padding_side=tok.padding_side, truncation_side=tok.truncation_side, model_max_length=tok.model_max_length,
+    )
+    base = exact.sp_model.get_piece_size()
+    exact.add_tokens([t for i, t in sorted(tok.added_tokens_decoder.items()) if i >= base])
+    n = len(tok)
+    if len(exact) != n or exact.convert_ids_to_tokens(list(range(n))) != tok.convert_ids_to_tokens(list(range(n))):
+        raise TokenizerMismatchError(
+            f"{model_file}: this sentencepiece model does not hold the vocabulary of the tokenizer beside it "
+            f"({len(exact)} vs {n} tokens or different pieces); set model.sentencepiece_exact=false to use "
+            f"transformers' fast tokenizer"
+        )
+    exact.name_or_path = tok.name_or_path
+    return exact
 
 
 def load_tokenizer(cfg: Mapping[str, Any]) -> Any:
-    """The tokenizer named by a model config (`tokenizer` block, else the weights' own)."""
+    """The tokenizer named by a model config (`tokenizer` block, else the weights' own), sentencepiece-exact
+    unless `sentencepiece_exact: false`."""
     from transformers import LlamaTokenizer
 
+    exact = bool(cfg.get("sentencepiece_exact", True))
     tcfg = cfg.get("tokenizer") or {}
     if tcfg.get("sentencepiece"):
         pkg, _, rel = str(tcfg["sentencepiece"]).partition(":")
         model_file = package_dir(pkg) / rel if rel else Path(pkg)
-        # AutoTokenizer converts a bare .model to a fast tokenizer that differs from sentencepiece.
         tok = LlamaTokenizer.from_pretrained(str(_sentencepiece_dir(model_file)), add_bos_token=True)
+        tok = exact_sentencepiece(tok) if exact else tok
     elif tcfg.get("pretrained"):
-        tok = auto_tokenizer(resolve_pretrained(tcfg["pretrained"]))
+        tok = auto_tokenizer(resolve_pretrained(tcfg["pretrained"]), sentencepiece_exact=exact)
     else:
         kwargs = {"gguf_file": cfg["gguf_file"]} if cfg.get("gguf_file") else {}
-        tok = auto_tokenizer(_source(cfg), **kwargs)
+        tok = auto_tokenizer(_source(cfg), sentencepiece_exact=exact, **kwargs)
     return tok
 
 
