@@ -241,3 +241,17 @@ def test_module_rejects_a_bad_loss_setting(tiny_model_cfg):
     with pytest.raises(ValueError, match=r"loss\.temperature must be a number > 0"):
         RerankerModule(model=tiny_model_cfg, yes_token_id=1, no_token_id=2, vocab_size=10,
                        loss={"temperature": 0.0})
+
+
+def test_training_step_reads_graded_labels(mistral_tokenizer, tiny_model_cfg):
+    """A batch with `grades` (records with pos_grades/neg_grades) trains on them, not on 'positive first'."""
+    module, batch, fmt, _ = _module_and_batch(mistral_tokenizer, tiny_model_cfg, n_groups=2,
+                                              loss={"objective": "lambdaloss"})
+    from rerank_lightning.model.losses import lambdaloss
+
+    batch["grades"] = torch.tensor([[3.0, 1.0, 0.0, 2.0], [1.0, 0.0, 0.0, 0.0]])
+    loss = module.training_step(batch, 0)
+    with torch.no_grad():
+        scores = module.score_logits(batch["pair"])[:, fmt.yes_id].float().view(2, 4)
+    assert loss.item() == pytest.approx(lambdaloss(scores, batch["grades"]).item(), abs=1e-5)
+    assert abs(lambdaloss(scores, batch["grades"]).item() - lambdaloss(scores).item()) > 1e-4
