@@ -75,6 +75,11 @@ def test_max_negative_grade_keeps_partly_relevant_docs_out(beir):
     assert "d15" in records["q0"]["neg_ids"]
 
 
+def test_judged_only_takes_the_judged_negatives(beir):
+    records, _, _ = mined(beir, negatives=40, rank_range=(1, 50), min_grade=2, judged_only=True)
+    assert records["q0"]["neg_ids"] == ["d15", "d20"]  # the judged docs below grade 2, in rank order
+
+
 def test_seed_decides_the_sample_and_a_query_does_not_depend_on_the_others(beir, tmp_path):
     a, _, _ = mined(beir, negatives=5, seed=1)
     b, _, _ = mined(beir, negatives=5, seed=1)

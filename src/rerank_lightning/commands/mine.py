@@ -2,7 +2,7 @@
 
   rerank-lightning mine --beir DIR [--split train] --out train.jsonl [--run RUN.trec]
       [--range 10-100] [--negatives 15] [--min-grade 1] [--max-negative-grade G] [--seed 42]
-      [--grades] [--teacher EXPORT_OR_HF_DIR [--teacher-margin 0]]
+      [--judged-only] [--grades] [--teacher EXPORT_OR_HF_DIR [--teacher-margin 0]]
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-grade", type=int, default=1, help="a positive is judged >= this (default: 1; TREC DL: 2)")
     p.add_argument("--max-negative-grade", type=int, default=None,
                    help="also never a negative: a judged doc above this grade (e.g. 0: only unjudged or judged 0)")
+    p.add_argument("--judged-only", action="store_true", help="negatives only among judged documents")
     p.add_argument("--grades", action="store_true", help="write pos_grades / neg_grades (judged grades)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--teacher", help="false-negative filter: a reranker export or HF directory (see score-teacher)")
@@ -53,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         settings = MiningSettings(negatives=args.negatives, rank_range=args.rank_range, min_grade=args.min_grade,
-                                  max_negative_grade=args.max_negative_grade, seed=args.seed,
+                                  max_negative_grade=args.max_negative_grade, judged_only=args.judged_only, seed=args.seed,
                                   write_grades=args.grades, teacher_margin=args.teacher_margin)
         collection = read_beir(args.beir, args.split)
         qids = sorted(collection.qrels)

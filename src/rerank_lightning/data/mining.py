@@ -23,6 +23,7 @@ class MiningSettings:
     rank_range: tuple[int, int] = (10, 100)  # 1-based ranks, both included, of the first-stage list
     min_grade: int = 1                     # positive: judged grade >= this
     max_negative_grade: int | None = None  # never a negative: a judged doc above this grade (positives never are)
+    judged_only: bool = False              # negatives only among judged docs (the collection's own judged negatives)
     seed: int = 42
     write_grades: bool = False             # add pos_grades / neg_grades (judged grade, 0 when unjudged)
     teacher_margin: float = 0.0            # with a teacher: drop negatives scored above min(positive) - margin
@@ -69,7 +70,8 @@ def mine_query(qid: str, ranked: Sequence[str], collection: BeirCollection, sett
     if settings.max_negative_grade is not None:
         ceiling = min(ceiling, settings.max_negative_grade)
     lo, hi = settings.rank_range
-    pool = [d for d in ranked[lo - 1 : hi] if judged.get(d, 0) <= ceiling]  # never a judged positive
+    pool = [d for d in ranked[lo - 1 : hi] if judged.get(d, 0) <= ceiling  # never a judged positive
+            and (d in judged or not settings.judged_only)]
     if not pool:
         return None, f"no negative candidate in ranks {lo}-{hi}", 0
     query = collection.queries[qid]
