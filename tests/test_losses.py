@@ -208,3 +208,50 @@ def test_training_step_adds_weighted_distillation(mistral_tokenizer, tiny_model_
     expected = listwise_ce(scores) + 0.5 * distillation(batch["teacher_scores"], scores, 2.0)
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
     assert "train/distill_loss" in logged
+
+
+@pytest.mark.parametrize("objective", ["ranknet", "listnet", "lambdaloss", "bce"])
+def test_training_step_calls_the_configured_objective(mistral_tokenizer, tiny_model_cfg, objective):
+    """`loss.objective` picks the loss; on a short last batch (3 groups) it sees [3, 4] scores."""
+    from rerank_lightning.model.losses import OBJECTIVES, ScoredGroups
+
+    module, batch, fmt, logged = _module_and_batch(mistral_tokenizer, tiny_model_cfg, n_groups=3,
+                                                   loss={"objective": objective, "sigma": 2.0})
+    loss = module.training_step(batch, 0)
+    with torch.no_grad():
+        scores = module.score_logits(batch["pair"])[:, fmt.yes_id].float().view(3, 4)
+    expected = OBJECTIVES[objective](ScoredGroups(scores, None, None, None, None), module.loss_cfg)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert f"train/{objective}_loss" in logged
+
+
+def test_training_step_margin_mse_distillation(mistral_tokenizer, tiny_model_cfg):
+    from rerank_lightning.model.losses import margin_mse
+
+    module, batch, fmt, _ = _module_and_batch(mistral_tokenizer, tiny_model_cfg, n_groups=3, teacher=True,
+                                              loss={"distill": "margin_mse", "distill_weight": 0.5})
+    loss = module.training_step(batch, 0)
+    with torch.no_grad():
+        scores = module.score_logits(batch["pair"])[:, fmt.yes_id].float().view(3, 4)
+    expected = listwise_ce(scores) + 0.5 * margin_mse(batch["teacher_scores"], scores)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_module_rejects_a_bad_loss_setting(tiny_model_cfg):
+    with pytest.raises(ValueError, match=r"loss\.temperature must be a number > 0"):
+        RerankerModule(model=tiny_model_cfg, yes_token_id=1, no_token_id=2, vocab_size=10,
+                       loss={"temperature": 0.0})
+
+
+def test_training_step_reads_graded_labels(mistral_tokenizer, tiny_model_cfg):
+    """A batch with `grades` (records with pos_grades/neg_grades) trains on them, not on 'positive first'."""
+    module, batch, fmt, _ = _module_and_batch(mistral_tokenizer, tiny_model_cfg, n_groups=2,
+                                              loss={"objective": "lambdaloss"})
+    from rerank_lightning.model.losses import lambdaloss
+
+    batch["grades"] = torch.tensor([[3.0, 1.0, 0.0, 2.0], [1.0, 0.0, 0.0, 0.0]])
+    loss = module.training_step(batch, 0)
+    with torch.no_grad():
+        scores = module.score_logits(batch["pair"])[:, fmt.yes_id].float().view(2, 4)
+    assert loss.item() == pytest.approx(lambdaloss(scores, batch["grades"]).item(), abs=1e-5)
+    assert abs(lambdaloss(scores, batch["grades"]).item() - lambdaloss(scores).item()) > 1e-4

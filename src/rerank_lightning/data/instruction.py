@@ -67,6 +67,9 @@ class TrainDatasetForReranker(PretokenizedGroups):
         if group.teacher_scores is not None:
             for enc, score in zip(encodings, group.teacher_scores):
                 enc["teacher_score"] = score
+        if group.grades is not None:
+            for enc, grade in zip(encodings, group.grades):
+                enc["grade"] = grade
         return encodings
 
 
@@ -123,7 +126,7 @@ def _labelled_last_only(labels: Sequence[Any], lengths: list[int], ignore: int) 
 
 @dataclass
 class RerankCollator:
-    """B groups -> `{"pair": {input_ids, attention_mask, labels}, "group_size", "teacher_scores"}` (SPEC 5).
+    """B groups -> `{"pair": {input_ids, attention_mask, labels}, "group_size", "teacher_scores", "grades"}` (SPEC 5).
 
     Rows are query-major: group b is rows b*G .. b*G+G-1. `teacher_scores` is [B, G] (NaN for a
     group whose record has none) and present only when some group has scores.
@@ -174,4 +177,7 @@ class RerankCollator:
         if any("teacher_score" in e for e in flat):
             scores = [e.get("teacher_score", float("nan")) for e in flat]
             batch["teacher_scores"] = torch.tensor(scores, dtype=torch.float32).view(len(groups), -1)
+        if any("grade" in e for e in flat):  # graded labels; a group without them: positive 1, negatives 0
+            grades = [e.get("grade", float(k % len(groups[0]) == 0)) for k, e in enumerate(flat)]
+            batch["grades"] = torch.tensor(grades, dtype=torch.float32).view(len(groups), -1)
         return batch

@@ -44,6 +44,8 @@ class TrainRecord:
     pos_scores: tuple[float, ...] | None = None
     neg_scores: tuple[float, ...] | None = None
     prompt: str | None = None
+    pos_grades: tuple[float, ...] | None = None  # graded relevance; None: 1 for every positive
+    neg_grades: tuple[float, ...] | None = None  # None: 0 for every negative
 
     @property
     def has_teacher_scores(self) -> bool:
@@ -156,7 +158,20 @@ def parse_record(obj: Any, need_negatives: bool) -> TrainRecord:
     prompt = obj.get("prompt")
     if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
         raise ValueError(f"field 'prompt': expected a non-empty string, got {prompt!r}")
-    return TrainRecord(query, pos, neg, pos_scores, neg_scores, prompt)
+    pos_grades = _grade_list(obj, "pos_grades", len(pos), "pos", positive=True)
+    neg_grades = _grade_list(obj, "neg_grades", len(neg), "neg", positive=False)
+    return TrainRecord(query, pos, neg, pos_scores, neg_scores, prompt, pos_grades, neg_grades)
+
+
+def _grade_list(obj: dict, name: str, length: int, of: str, positive: bool) -> tuple[float, ...] | None:
+    """Optional graded labels: > 0 for positives, >= 0 for negatives (a graded collection's partly relevant)."""
+    if name not in obj:
+        return None
+    grades = _score_list(obj[name], name, length, of)
+    for j, grade in enumerate(grades):
+        if grade < 0 or (positive and grade == 0):
+            raise ValueError(f"field '{name}[{j}]': expected a grade {'> 0' if positive else '>= 0'}, got {grade:g}")
+    return grades
 
 
 class _DuplicateKey(ValueError):

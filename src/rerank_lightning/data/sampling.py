@@ -37,6 +37,7 @@ class Group:
     prompt: str | None
     positive_index: int = 0
     negative_indices: tuple[int, ...] = ()
+    grades: tuple[float, ...] | None = None  # graded labels, when the record has some
 
 
 def sample_without_replacement(rng: random.Random, population: int, k: int) -> list[int]:
@@ -72,7 +73,12 @@ def sample_group(record: TrainRecord, group_size: int, seed: int, epoch: int, in
     scores = None
     if record.has_teacher_scores:
         scores = (record.pos_scores[p], *[record.neg_scores[j] for j in neg_idx])
-    return Group(record.query, passages, scores, record.prompt, p, neg_idx)
+    grades = None
+    if record.pos_grades is not None or record.neg_grades is not None:
+        pos_grades = record.pos_grades or (1.0,) * len(record.pos)
+        neg_grades = record.neg_grades or (0.0,) * len(record.neg)
+        grades = (pos_grades[p], *[neg_grades[j] for j in neg_idx])
+    return Group(record.query, passages, scores, record.prompt, p, neg_idx, grades)
 
 
 class GroupSampler(DistributedSampler):

@@ -11,10 +11,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..eval.metrics import mean_metrics_from_rows
 from .backbone import apply_lora, load_causal_lm
-from .losses import distillation, listwise_ce, pointwise_ce
+from .losses import DISTILLATIONS, OBJECTIVES, ScoredGroups, loss_config
 from .scoring import answer_logits, score_positions
-
-OBJECTIVES = ("listwise", "pointwise")
 
 
 def _plain(cfg: Any) -> Any:
@@ -75,7 +73,7 @@ class RerankerModule(L.LightningModule):
 
     model: a `conf/model` block (weights, dtype, LoRA, gradient checkpointing).
     optim: lr, weight_decay, betas, warmup (fraction of total steps if < 1, else steps).
-    loss: objective (listwise | pointwise), distill_weight, temperature.
+    loss: `loss.*` (conf/loss/; checked and completed by `losses.loss_config`).
     metrics: k, relevance_threshold.
     recipe: the formatting facts (`PairFormatter.recipe()`), kept in checkpoints for export.
     """
@@ -92,10 +90,8 @@ class RerankerModule(L.LightningModule):
         })
         self.model_cfg = _plain(model)
         self.optim_cfg = {"lr": 1e-4, "weight_decay": 0.0, "betas": (0.9, 0.999), "warmup": 0.1, **(_plain(optim) or {})}
-        self.loss_cfg = {"objective": "listwise", "distill_weight": 1.0, "temperature": 1.0, **(_plain(loss) or {})}
+        self.loss_cfg = loss_config(_plain(loss))  # defaults filled in; ValueError on a bad key or value
         self.metric_cfg = {"k": 10, "relevance_threshold": 1, **(_plain(metrics) or {})}
-        if self.loss_cfg["objective"] not in OBJECTIVES:
-            raise ValueError(f"loss.objective must be one of {OBJECTIVES}, got {self.loss_cfg['objective']!r}")
         self.yes_id, self.no_id = yes_token_id, no_token_id
         self.lm: torch.nn.Module | None = None
         self._val_outputs: list[torch.Tensor] = []
@@ -136,17 +132,16 @@ class RerankerModule(L.LightningModule):
         pair = batch["pair"]
         logits = self.score_logits(pair)
         scores = logits[:, self.yes_id].float().view(-1, batch["group_size"])  # real B, never a configured one
-        if self.loss_cfg["objective"] == "listwise":
-            loss = listwise_ce(scores)
-        else:
-            labels = pair["labels"]
-            label_ids = labels.gather(1, (score_positions(pair["attention_mask"], labels) + 1)[:, None])[:, 0]
-            loss = pointwise_ce(logits, label_ids)
-        self.log(f"train/{self.loss_cfg['objective']}_loss", loss, batch_size=scores.shape[0])
-        if self.loss_cfg["distill_weight"] and "teacher_scores" in batch:
-            kd = distillation(batch["teacher_scores"], scores, self.loss_cfg["temperature"])
-            self.log("train/distill_loss", kd, batch_size=scores.shape[0])
-            loss = loss + self.loss_cfg["distill_weight"] * kd
+        labels = pair["labels"]
+        label_ids = labels.gather(1, (score_positions(pair["attention_mask"], labels) + 1)[:, None])[:, 0]
+        groups = ScoredGroups(scores, batch.get("grades"), batch.get("group_mask"), logits, label_ids)
+        cfg = self.loss_cfg
+        loss = OBJECTIVES[cfg["objective"]](groups, cfg)
+        self.log(f"train/{cfg['objective']}_loss", loss, batch_size=scores.shape[0])
+        if cfg["distill_weight"] and "teacher_scores" in batch:
+            distill = DISTILLATIONS[cfg["distill"]](batch["teacher_scores"], groups, cfg)
+            self.log("train/distill_loss", distill, batch_size=scores.shape[0])
+            loss = loss + cfg["distill_weight"] * distill
         self.log("train/loss", loss, prog_bar=True, batch_size=scores.shape[0])
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
         return loss

@@ -1,0 +1,1 @@
+"""Thin command-line layers over library functions; each module has `main(argv) -> int`."""
