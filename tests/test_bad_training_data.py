@@ -162,3 +162,14 @@ def test_unknown_key_is_warned_once(tmp_path, caplog):
         f"{path}:1: field 'pos_score' (in 3 record(s)) is not a training field and is ignored; "
         f"did you mean 'pos_scores'?"]
     assert report.unknown_fields == {"pos_score": (3, f"{path}:1")}
+
+
+def test_graded_labels_and_mined_docids_are_known_fields(tmp_path, caplog):
+    """`mine` writes qid/pos_ids/neg_ids beside the texts and grades: no unknown-field warning for them."""
+    mined = record(1, qid="q1", pos_ids=["d1"], neg_ids=["d2", "d3"], pos_grades=[2],
+                   neg_grades=[0, 1])
+    path = write_case(tmp_path, "train.jsonl", jsonl(mined))
+    with caplog.at_level(logging.WARNING, logger="rerank_lightning.data.records"):
+        records, report = load_records(path)
+    assert caplog.records == [] and report.unknown_fields == {}
+    assert records[0].pos_grades == (2,)

@@ -35,7 +35,7 @@ def test_a_flagembedding_record_has_no_grades_and_pos_grades_alone_default_negat
 @pytest.mark.parametrize("field, value, words", [
     ("pos_grades", [0, 1], "field 'pos_grades[0]': expected a grade > 0, got 0"),
     ("neg_grades", [1, -1, 0], "field 'neg_grades[1]': expected a grade >= 0, got -1"),
-    ("neg_grades", [1], "field 'neg_grades': expected 3 scores (one per 'neg'), got 1"),
+    ("neg_grades", [1], "field 'neg_grades': expected 3 numbers (one per 'neg'), got 1"),
 ])
 def test_bad_grades_name_the_line_and_field(tmp_path, field, value, words):
     with pytest.raises(DataFormatError, match=r":1: " + words.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):

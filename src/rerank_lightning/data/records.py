@@ -15,8 +15,10 @@ from typing import Any, Iterable, Sequence
 log = logging.getLogger(__name__)
 
 DATA_SUFFIXES = (".json", ".jsonl")
-# The fields of SPEC 1's table; any other key is reported (a misspelt optional one switches a feature off).
-RECORD_FIELDS = ("query", "pos", "neg", "pos_scores", "neg_scores", "prompt")
+# The fields of SPEC 1's table (with graded labels); any other key is reported (a misspelt optional one
+# switches a feature off). `mine` also writes docids for checking, which training does not read.
+RECORD_FIELDS = ("query", "pos", "neg", "pos_scores", "neg_scores", "prompt", "pos_grades", "neg_grades")
+METADATA_FIELDS = ("qid", "pos_ids", "neg_ids")
 # First bytes of files that are not UTF-8 JSON text, with what to do about them.
 NOT_TEXT = {
     b"\x1f\x8b": "is gzip-compressed; decompress it (gunzip -k)",
@@ -105,7 +107,7 @@ def _score_list(value: Any, name: str, length: int, of: str) -> tuple[float, ...
     if not isinstance(value, list):
         raise ValueError(f"field '{name}': expected a list of numbers, got {type(value).__name__}")
     if len(value) != length:
-        raise ValueError(f"field '{name}': expected {length} scores (one per '{of}'), got {len(value)}")
+        raise ValueError(f"field '{name}': expected {length} numbers (one per '{of}'), got {len(value)}")
     for j, item in enumerate(value):
         # bool is an int subclass in Python; a true/false score is a data error, not 1.0/0.0
         if isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item):
@@ -296,7 +298,8 @@ def load_records(
                     raise DataFormatError(message) from None
                 report.skipped.append(message)
                 continue
-            report.note_unknown((key for key in obj if key not in RECORD_FIELDS), f"{path}:{lineno}")
+            report.note_unknown((key for key in obj if key not in RECORD_FIELDS + METADATA_FIELDS),
+                                f"{path}:{lineno}")
         if not kept:
             skipped = sum(m.startswith(f"{path}:") for m in report.skipped)
             raise DataFormatError(f"{path}: no valid record" + (f" ({skipped} skipped, on_error=skip)" if skipped
