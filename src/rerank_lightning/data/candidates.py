@@ -55,7 +55,7 @@ def load_candidate_lists(path: str | Path, max_queries: int | None = None) -> li
     if not path.is_file():
         raise DataFormatError(f"{path}: no such candidate-list file")
     lists: list[CandidateList] = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in _lines(path):
         if not line.strip():
             continue
         try:
@@ -118,28 +118,37 @@ def query_judgements(lists: list[CandidateList]) -> dict[str, torch.Tensor]:
     return {"judged": judged, "judged_grades": judged_grades}
 
 
+def _lines(path: Path):
+    """(line number, text) of a UTF-8 text file; a line that is not UTF-8 is a DataFormatError."""
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFormatError(f"{path}:{lineno}: not UTF-8 text (byte {err.start} of the line)") from None
+
+
 def _jsonl_objects(path: Path, what: str):
     """(line number, object with a string `_id` and `text`) for each non-blank line of a BEIR JSONL file."""
     if not path.is_file():
         raise DataFormatError(f"{path}: no such file (a BEIR folder holds corpus.jsonl, queries.jsonl, qrels/)")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFormatError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataFormatError(f"{path}:{lineno}: expected a JSON object with _id and text")
-            _id = obj.get("_id")
-            if isinstance(_id, bool) or not isinstance(_id, (str, int)) or not str(_id).strip():
-                raise DataFormatError(f"{path}:{lineno}: field '_id': expected a non-empty string, got {_id!r}")
-            for key in ("text", "title") if what == "document" else ("text",):
-                value = obj.get(key)
-                if not isinstance(value, str) and not (key == "title" and value is None):
-                    raise DataFormatError(f"{path}:{lineno}: field '{key}': expected a string, got {value!r}")
-            yield lineno, str(_id), obj
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataFormatError(f"{path}:{lineno}: expected a JSON object with _id and text")
+        _id = obj.get("_id")
+        if isinstance(_id, bool) or not isinstance(_id, (str, int)) or not str(_id).strip():
+            raise DataFormatError(f"{path}:{lineno}: field '_id': expected a non-empty string, got {_id!r}")
+        for key in ("text", "title") if what == "document" else ("text",):
+            value = obj.get(key)
+            if not isinstance(value, str) and not (key == "title" and value is None):
+                raise DataFormatError(f"{path}:{lineno}: field '{key}': expected a string, got {value!r}")
+        yield lineno, str(_id), obj
 
 
 def read_qrels(path: Path) -> dict[str, dict[str, int]]:
@@ -148,24 +157,22 @@ def read_qrels(path: Path) -> dict[str, dict[str, int]]:
         found = sorted(p.stem for p in path.parent.glob("*.tsv"))
         raise DataFormatError(f"{path}: no qrels for split '{path.stem}' (splits found: {found or 'none'})")
     qrels: dict[str, dict[str, int]] = defaultdict(dict)
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            fields = line.rstrip("\r\n").split("\t")
-            if lineno == 1 and fields == ["query-id", "corpus-id", "score"] or not line.strip():
-                continue
-            if len(fields) != 3:
-                raise DataFormatError(f"{path}:{lineno}: expected 'query-id<TAB>corpus-id<TAB>score', "
-                                      f"got {len(fields)} tab-separated fields")
-            qid, docid, grade = fields
-            try:
-                value = int(grade)
-            except ValueError:
-                raise DataFormatError(f"{path}:{lineno}: field 'score': expected an integer grade, "
-                                      f"got {grade!r}") from None
-            if docid in qrels[qid] and qrels[qid][docid] != value:
-                raise DataFormatError(f"{path}:{lineno}: query {qid!r} document {docid!r} is judged twice "
-                                      f"({qrels[qid][docid]} and {value})")
-            qrels[qid][docid] = value
+    for lineno, line in _lines(path):
+        fields = line.rstrip("\r\n").split("\t")
+        if lineno == 1 and fields == ["query-id", "corpus-id", "score"] or not line.strip():
+            continue
+        if len(fields) != 3:
+            raise DataFormatError(f"{path}:{lineno}: expected 'query-id<TAB>corpus-id<TAB>score', "
+                                  f"got {len(fields)} tab-separated fields")
+        qid, docid, grade = fields
+        try:
+            value = int(grade)
+        except ValueError:
+            raise DataFormatError(f"{path}:{lineno}: field 'score': expected an integer grade, got {grade!r}") from None
+        if docid in qrels[qid] and qrels[qid][docid] != value:
+            raise DataFormatError(f"{path}:{lineno}: query {qid!r} document {docid!r} is judged twice "
+                                  f"({qrels[qid][docid]} and {value})")
+        qrels[qid][docid] = value
     return dict(qrels)
 
 
@@ -182,25 +189,24 @@ def read_trec_run(path: str | Path, on_error: str = "raise",
         raise DataFormatError(f"{path}: no such run file")
     skipped = Counter() if skipped is None else skipped
     run: dict[str, dict[str, tuple[float, int]]] = defaultdict(dict)
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            parts = line.split()
-            if not parts:
-                continue
-            problem, what = None, ""
-            if len(parts) != 6:
-                problem, what = "malformed run lines", f"expected 6 columns 'qid Q0 docid rank score tag', got {len(parts)}"
-            else:
-                qid, docid, score = parts[0], parts[2], _number(parts[4])
-                if score is None:
-                    problem, what = "malformed run lines", f"field 'score' (column 5): expected a number, got {parts[4]!r}"
-                elif docid in run[qid]:
-                    problem = "duplicate run lines"
-                    what = f"document {docid!r} appears twice for query {qid!r} (first on line {run[qid][docid][1]})"
-            if problem:
-                _problem(f"{path}:{lineno}: {what}", problem, on_error, skipped)
-                continue
-            run[qid][docid] = (score, lineno)
+    for lineno, line in _lines(path):
+        parts = line.split()
+        if not parts:
+            continue
+        problem, what = None, ""
+        if len(parts) != 6:
+            problem, what = "malformed run lines", f"expected 6 columns 'qid Q0 docid rank score tag', got {len(parts)}"
+        else:
+            qid, docid, score = parts[0], parts[2], _number(parts[4])
+            if score is None:
+                problem, what = "malformed run lines", f"field 'score' (column 5): expected a number, got {parts[4]!r}"
+            elif docid in run[qid]:
+                problem = "duplicate run lines"
+                what = f"document {docid!r} appears twice for query {qid!r} (first on line {run[qid][docid][1]})"
+        if problem:
+            _problem(f"{path}:{lineno}: {what}", problem, on_error, skipped)
+            continue
+        run[qid][docid] = (score, lineno)
     return dict(run)
 
 
