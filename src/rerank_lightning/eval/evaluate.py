@@ -60,13 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
                "  rerank-lightning evaluate EXPORT --beir trec_dl20 --run bm25.trec --relevance-threshold 2 "
                "--json metrics.json --run-out reranked.trec",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model_dir", metavar="EXPORT", help="directory written by train.py or `rerank-lightning export`")
+    parser.add_argument("model_dir", metavar="EXPORT",
+                        help="exported reranker: the directory train.py or `rerank-lightning export` writes")
     parser.add_argument("candidates", nargs="?", metavar="CANDIDATES.jsonl",
                         help="candidate lists, one query per line: {qid, query, candidates: [{docid, text, label}]}")
     parser.add_argument("--beir", metavar="DIR", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv); "
                         "give it with --run instead of CANDIDATES.jsonl")
-    parser.add_argument("--run", metavar="RUN.trec", help="first-stage TREC run to rerank ('qid Q0 docid rank score tag'"
-                        " per line; the rank column is ignored, as in trec_eval)")
+    parser.add_argument("--run", metavar="RUN.trec", help="first-stage TREC run to rerank "
+                        "('qid Q0 docid rank score tag' per line; the rank column is ignored, as in trec_eval)")
     parser.add_argument("--split", default="test", help="qrels split: reads DIR/qrels/SPLIT.tsv (default: test)")
     parser.add_argument("--top-k", type=int, default=100, help="rerank each query's first K run documents "
                         "(by run score, ties by docid as trec_eval; default: 100)")

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from ..data.candidates import CandidateList, load_candidate_lists
+from ..data.records import DataFormatError
 from .evaluate import default_device, per_query_metrics_for_scores
 
 
@@ -154,10 +155,10 @@ def compare_grids(base_dir: str | Path, other_dir: str | Path, metric: str = "nD
         table: dict[tuple[int, int], dict[str, float]] = {}
         for r in _read_csv(folder / "per_query.csv"):
             if metric not in r:
-                raise ValueError(f"{folder / 'per_query.csv'} has no column {metric!r}")
+                raise DataFormatError(f"{folder / 'per_query.csv'} has no column {metric!r}")
             setting = table.setdefault((int(r["exit_layer"]), int(r["ratio"])), {})
             if r["qid"] in setting:
-                raise ValueError(f"{folder / 'per_query.csv'}: qid {r['qid']!r} appears twice in one setting")
+                raise DataFormatError(f"{folder / 'per_query.csv'}: qid {r['qid']!r} appears twice in one setting")
             setting[r["qid"]] = float(r[metric])
         per[name] = table
     adapters = {(int(r["exit_layer"]), int(r["ratio"])): r["adapter"] for r in _read_csv(other_dir / "grid.csv")}
@@ -166,7 +167,7 @@ def compare_grids(base_dir: str | Path, other_dir: str | Path, metric: str = "nD
     for key in sorted(set(per["base"]) & set(per["other"]), key=lambda kv: (kv[1], kv[0])):
         base, other = per["base"][key], per["other"][key]
         if set(base) != set(other):
-            raise ValueError(f"exit {key[0]} ratio {key[1]}: the two grids scored different queries")
+            raise DataFormatError(f"exit {key[0]} ratio {key[1]}: the two grids scored different queries")
         qids = sorted(base)
         diff = torch.tensor([other[q] - base[q] for q in qids], dtype=torch.float64)
         picks = torch.randint(len(qids), (samples, len(qids)), generator=gen)
@@ -179,7 +180,7 @@ def compare_grids(base_dir: str | Path, other_dir: str | Path, metric: str = "nD
             "better": int((diff > 0).sum()), "worse": int((diff < 0).sum()), "same": int((diff == 0).sum()),
         })
     if not rows:
-        raise ValueError(f"{base_dir} and {other_dir} share no (exit, ratio) setting")
+        raise DataFormatError(f"{base_dir} and {other_dir} share no (exit, ratio) setting")
     return rows
 
 

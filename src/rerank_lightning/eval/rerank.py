@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "not needed. A passage is 'title text' when it has a title.",
         epilog="example:\n  rerank-lightning rerank EXPORT --beir trec_dl20 --run bm25.trec --out reranked.trec",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model_dir", metavar="EXPORT", help="directory written by train.py or `rerank-lightning export`")
+    parser.add_argument("model_dir", metavar="EXPORT",
+                        help="exported reranker: the directory train.py or `rerank-lightning export` writes")
     parser.add_argument("--beir", required=True, metavar="DIR", help="BEIR folder with corpus.jsonl and queries.jsonl")
     parser.add_argument("--run", required=True, metavar="RUN.trec",
                         help="first-stage run ('qid Q0 docid rank score tag'; the rank column is ignored)")
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
                         help="weights' dtype (default: auto, as saved in the export)")
-    parser.add_argument("--tag", default="rerank-lightning", help="the run tag, last column (default: rerank-lightning)")
+    parser.add_argument("--tag", default="rerank-lightning",
+                        help="the run's name, written in the last column (default: rerank-lightning)")
     return parser
 
 
