@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
@@ -51,11 +52,11 @@ def evaluate(reranker, lists: Sequence[CandidateList], k: int = 10, relevance_th
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rerank-lightning evaluate",
-        description="Rerank candidates with an exported reranker and print its metrics as JSON: nDCG@k, "
-                    "RR@k (also printed as MRR@k), MAP, Recall@N and Judged@k, computed as trec_eval does. "
+        description=textwrap.fill(width=90, text="Rerank candidates with an exported reranker and print its metrics as JSON: nDCG@k, "
+                    "RR@k (also printed as MRR@k), MAP, Recall@N (--recall-k) and Judged@k, computed as trec_eval does. "
                     "With --beir/--run the full qrels of each query count (relevant documents the run missed "
                     "lower nDCG, MAP and Recall), so the numbers equal trec_eval's on the reranked run "
-                    "(--run-out). With a candidate-list file the candidates' labels are the only judgements.",
+                    "(--run-out). With a candidate-list file the candidates' labels are the only judgements."),
         epilog="examples:\n  rerank-lightning evaluate EXPORT data/sample/val_candidates.jsonl\n"
                "  rerank-lightning evaluate EXPORT --beir trec_dl20 --run bm25.trec --relevance-threshold 2 "
                "--json metrics.json --run-out reranked.trec",
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run", metavar="RUN.trec", help="first-stage TREC run to rerank "
                         "('qid Q0 docid rank score tag' per line; the rank column is ignored, as in trec_eval)")
     parser.add_argument("--split", default="test", help="qrels split: reads DIR/qrels/SPLIT.tsv (default: test)")
-    parser.add_argument("--top-k", type=int, default=100, help="rerank each query's first K run documents "
+    parser.add_argument("--top-k", type=int, default=100, metavar="K", help="rerank each query's first K run documents "
                         "(by run score, ties by docid as trec_eval; default: 100)")
     parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                         help="run lines naming a query or document missing from the BEIR folder, duplicate or "

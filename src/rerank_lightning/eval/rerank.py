@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
@@ -41,10 +42,10 @@ def write_trec_run(path: str | Path, run: dict[str, list[tuple[float, str]]], ta
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rerank-lightning rerank",
-        description="Rerank a first-stage TREC run with an exported reranker and write the reranked run "
+        description=textwrap.fill(width=90, text="Rerank a first-stage TREC run with an exported reranker and write the reranked run "
                     "('qid Q0 docid rank score tag' per line, best first). Queries and passage texts come from "
                     "a BEIR folder (corpus.jsonl: {_id, title, text}; queries.jsonl: {_id, text}); qrels are "
-                    "not needed. A passage is 'title text' when it has a title.",
+                    "not needed. A passage is 'title text' when it has a title."),
         epilog="example:\n  rerank-lightning rerank EXPORT --beir trec_dl20 --run bm25.trec --out reranked.trec",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", metavar="EXPORT",
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run", required=True, metavar="RUN.trec",
                         help="first-stage run ('qid Q0 docid rank score tag'; the rank column is ignored)")
     parser.add_argument("--out", required=True, metavar="OUT.trec", help="where to write the reranked run")
-    parser.add_argument("--top-k", type=int, default=100, help="rerank each query's first K run documents "
+    parser.add_argument("--top-k", type=int, default=100, metavar="K", help="rerank each query's first K run documents "
                         "(by run score, ties by docid as trec_eval); the rest are left out (default: 100)")
     parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                         help="run lines naming a query or document missing from the BEIR folder, duplicate or "
