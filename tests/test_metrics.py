@@ -11,10 +11,12 @@ import pytrec_eval
 import torch
 
 try:
-    from rerank_lightning.eval.metrics import docid_tie_order, ranking_metrics
+    from rerank_lightning.data.candidates import docid_tie_order
+    from rerank_lightning.eval.metrics import ranking_metrics
 except ImportError:  # package not installed: use the src layout directly
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from rerank_lightning.eval.metrics import docid_tie_order, ranking_metrics
+    from rerank_lightning.data.candidates import docid_tie_order
+    from rerank_lightning.eval.metrics import ranking_metrics
 
 TOL = 1e-6
 
@@ -54,7 +56,7 @@ def to_trec(scores, labels, mask, docids):
 
 def pytrec_reference(qrels, run, k, threshold):
     """Per-query (MRR@k, nDCG@k, MAP) lists computed by pytrec_eval."""
-    ev = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank", f"ndcg_cut.{k}", "map"},
+    ev = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank", f"ndcg_cut.{k}", "map", "recall.100"},
                                         relevance_level=int(threshold))
     res = ev.evaluate(run)
     qids = list(run)
@@ -63,7 +65,8 @@ def pytrec_reference(qrels, run, k, threshold):
     mrr = [res[q]["recip_rank"] if res[q]["recip_rank"] >= 1.0 / k - 1e-12 else 0.0 for q in qids]
     ndcg = [res[q][f"ndcg_cut_{k}"] for q in qids]
     ap = [res[q]["map"] for q in qids]
-    return torch.tensor(mrr, dtype=torch.float64), torch.tensor(ndcg, dtype=torch.float64), torch.tensor(ap, dtype=torch.float64)
+    recall = [res[q]["recall_100"] for q in qids]
+    return tuple(torch.tensor(v, dtype=torch.float64) for v in (mrr, ndcg, ap, recall))
 
 
 def assert_close(actual, expected):
@@ -77,10 +80,13 @@ def test_random_against_pytrec_eval(seed, threshold, k):
     scores, labels, mask, docids = random_case(seed)
     out = ranking_metrics(scores, labels, mask, k=k, relevance_threshold=threshold,
                           tie_order=docid_tie_order(docids, width=scores.shape[1]))
-    mrr, ndcg, ap = pytrec_reference(*to_trec(scores, labels, mask, docids), k=k, threshold=threshold)
-    assert set(out) == {f"MRR@{k}", f"nDCG@{k}", "MAP"}
+    mrr, ndcg, ap, recall = pytrec_reference(*to_trec(scores, labels, mask, docids), k=k, threshold=threshold)
+    assert set(out) == {f"RR@{k}", f"MRR@{k}", f"nDCG@{k}", "MAP", "Recall@100", f"Judged@{k}"}
     assert all(v.dtype == torch.float32 and v.shape == (scores.shape[0],) for v in out.values())
     assert_close(out[f"MRR@{k}"], mrr)
+    assert torch.equal(out[f"RR@{k}"], out[f"MRR@{k}"])
+    assert_close(out["Recall@100"], recall)
+    assert torch.equal(out[f"Judged@{k}"], torch.ones(scores.shape[0]))  # every candidate carries a label
     assert_close(out[f"nDCG@{k}"], ndcg)
     assert_close(out["MAP"], ap)
     # the random cases really exercise ties and empty queries
@@ -340,7 +346,9 @@ def test_rank_key_falls_back_where_it_cannot_be_exact():
 
 def test_metrics_selection():
     scores, labels, mask, tie_order = tied_case(0, num_queries=4, num_cands=6)
-    assert list(ranking_metrics(scores, labels, mask, k=3)) == ["MRR@3", "nDCG@3", "MAP"]
+    assert list(ranking_metrics(scores, labels, mask, k=3)) == ["RR@3", "MRR@3", "nDCG@3", "MAP", "Recall@100",
+                                                                "Judged@3"]
+    assert list(ranking_metrics(scores, labels, mask, k=3, metrics="Recall", recall_k=5)) == ["Recall@5"]
     assert list(ranking_metrics(scores, labels, mask, k=3, metrics=("MAP", "MRR"))) == ["MRR@3", "MAP"]
     assert list(ranking_metrics(scores, labels, mask, k=3, metrics="nDCG")) == ["nDCG@3"]
     for bad in ((), ("MRR@10",), ("ndcg",)):
@@ -348,6 +356,7 @@ def test_metrics_selection():
             ranking_metrics(scores, labels, mask, metrics=bad)
     # no candidates at all: zeros, whatever is asked
     empty = ranking_metrics(torch.zeros(2, 0), torch.zeros(2, 0), metrics=("MRR", "nDCG"))
+    assert list(empty) == ["MRR@10", "nDCG@10"]
     assert all(torch.equal(v, torch.zeros(2)) for v in empty.values()) and len(empty) == 2
 
 

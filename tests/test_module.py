@@ -11,7 +11,8 @@ import torch
 
 from conftest import ROOT, TINY_MODEL
 from rerank_lightning.data import DEFAULT_PROMPT, RerankDataModule, load_candidate_lists
-from rerank_lightning.eval.metrics import docid_tie_order, ranking_metrics
+from rerank_lightning.data.candidates import docid_tie_order
+from rerank_lightning.eval.metrics import ranking_metrics
 from rerank_lightning.inference import RECIPE_FILE, Reranker, export_reranker
 from rerank_lightning.model import RerankerModule
 

@@ -2,30 +2,37 @@
 
 from __future__ import annotations
 
-import csv
 import json
-from collections import defaultdict
-from dataclasses import dataclass
+import logging
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch.utils.data import Dataset
 
-from ..eval.metrics import docid_tie_order
 from .formatting import PairFormatter
 from .records import DataFormatError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class CandidateList:
-    """One query and the passages to rerank for it, with graded labels."""
+    """One query and the passages to rerank for it, with graded labels (0: unjudged).
+
+    `qrels`: every judgement of the query (docid -> grade), when the candidates come from a run over a
+    larger collection (BEIR + run); None for a candidate-list file, whose labels are all it knows.
+    """
 
     qid: str
     query: str
     docids: tuple[str, ...]
     texts: tuple[str, ...]
     labels: tuple[int, ...]
+    qrels: Mapping[str, int] | None = field(default=None, compare=False)
 
 
 def _candidate(path: Path, lineno: int, j: int, cand: Any) -> tuple[str, str, int]:
@@ -48,7 +55,7 @@ def load_candidate_lists(path: str | Path, max_queries: int | None = None) -> li
     if not path.is_file():
         raise DataFormatError(f"{path}: no such candidate-list file")
     lists: list[CandidateList] = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in _lines(path):
         if not line.strip():
             continue
         try:
@@ -74,36 +81,211 @@ def load_candidate_lists(path: str | Path, max_queries: int | None = None) -> li
     return lists
 
 
-def load_beir_rerank(beir_dir: str | Path, run_file: str | Path, split: str = "test",
-                     top_k: int = 100) -> list[CandidateList]:
-    """BEIR corpus/queries/qrels plus a TREC run: each query's top-k first-stage results, labelled by qrels.
+def docid_tie_order(docids: list[list[str]], width: int | None = None) -> torch.Tensor:
+    """[Q, width] long tensor such that the metrics break score ties like trec_eval (padding gets -1).
 
-    Relevant documents the run missed are not candidates, so they do not enter the ideal DCG.
+    trec_eval sorts a query's run by score descending, then by docno descending in strcmp (byte) order,
+    ignoring the order of the run file: e.g. tied docs rank "zz" > "b" > "ab" > "a" > "Z" > "B" > "9" > "10".
+    So the tie order of a doc is its position in ascending byte order of the query's docids.
     """
-    beir_dir = Path(beir_dir)
-    corpus = {}
-    for line in (beir_dir / "corpus.jsonl").open(encoding="utf-8"):
-        doc = json.loads(line)
-        corpus[str(doc["_id"])] = f"{doc.get('title', '')} {doc['text']}".strip()
-    queries = {str(q["_id"]): q["text"] for q in map(json.loads, (beir_dir / "queries.jsonl").open(encoding="utf-8"))}
-    qrels: dict[str, dict[str, int]] = defaultdict(dict)
-    with (beir_dir / "qrels" / f"{split}.tsv").open(encoding="utf-8") as fh:
-        for row in csv.DictReader(fh, delimiter="\t"):
-            qrels[row["query-id"]][row["corpus-id"]] = int(row["score"])
-    run: dict[str, list[tuple[float, str]]] = defaultdict(list)
-    for lineno, line in enumerate(Path(run_file).open(encoding="utf-8"), start=1):
-        parts = line.split()
-        if len(parts) != 6:
-            raise DataFormatError(f"{run_file}:{lineno}: expected 'qid Q0 docid rank score tag'")
-        run[parts[0]].append((float(parts[4]), parts[2]))
-    lists = []
-    for qid in sorted(run):
-        if qid not in queries or qid not in qrels:
+    width = max((len(ids) for ids in docids), default=0) if width is None else width
+    out = torch.full((len(docids), width), -1, dtype=torch.long)
+    for i, ids in enumerate(docids):  # string sorting is inherently per query; this is preprocessing
+        if len(ids) > width:
+            raise ValueError(f"query {i} has {len(ids)} docids > width {width}")
+        ascending = sorted(range(len(ids)), key=lambda j: ids[j].encode("utf-8"))
+        out[i, ascending] = torch.arange(len(ids))
+    return out
+
+
+def trec_order(ranked: list[tuple[float, str]]) -> list[tuple[float, str]]:
+    """(score, docid) pairs in trec_eval's rank order: score descending, then docid descending (bytes)."""
+    return sorted(ranked, key=lambda sd: (sd[0], sd[1].encode("utf-8")), reverse=True)
+
+
+def query_judgements(lists: list[CandidateList]) -> dict[str, torch.Tensor]:
+    """What the metrics need beyond the labels (`ranking_metrics`' `judged` and `judged_grades`):
+    judged [Q, C] bool (the qrels judge the candidate), judged_grades [Q, J] float (every grade of the
+    query's qrels, NaN padding). A list without qrels (a candidate-list file) has its labels as its only
+    judgements: every candidate judged, the ideal DCG and the relevant count taken among the candidates."""
+    width = max((len(cl.docids) for cl in lists), default=0)
+    grades = [list(cl.qrels.values()) if cl.qrels is not None else list(cl.labels) for cl in lists]
+    judged = torch.zeros(len(lists), width, dtype=torch.bool)
+    judged_grades = torch.full((len(lists), max(map(len, grades), default=0)), float("nan"), dtype=torch.float64)
+    for qi, (cl, g) in enumerate(zip(lists, grades)):
+        judged[qi, : len(cl.docids)] = torch.tensor([cl.qrels is None or d in cl.qrels for d in cl.docids])
+        judged_grades[qi, : len(g)] = torch.tensor(g, dtype=torch.float64)
+    return {"judged": judged, "judged_grades": judged_grades}
+
+
+def _lines(path: Path):
+    """(line number, text) of a UTF-8 text file; a line that is not UTF-8 is a DataFormatError."""
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFormatError(f"{path}:{lineno}: not UTF-8 text (byte {err.start} of the line)") from None
+
+
+def _jsonl_objects(path: Path, what: str):
+    """(line number, object with a string `_id` and `text`) for each non-blank line of a BEIR JSONL file."""
+    if not path.is_file():
+        raise DataFormatError(f"{path}: no such file (a BEIR folder holds corpus.jsonl, queries.jsonl, qrels/)")
+    for lineno, line in _lines(path):
+        if not line.strip():
             continue
-        top = sorted(run[qid], key=lambda x: (-x[0], x[1]))[:top_k]
-        docids = tuple(d for _, d in top if d in corpus)
-        lists.append(CandidateList(qid, queries[qid], docids, tuple(corpus[d] for d in docids),
-                                   tuple(qrels[qid].get(d, 0) for d in docids)))
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataFormatError(f"{path}:{lineno}: expected a JSON object with _id and text")
+        _id = obj.get("_id")
+        if isinstance(_id, bool) or not isinstance(_id, (str, int)) or not str(_id).strip():
+            raise DataFormatError(f"{path}:{lineno}: field '_id': expected a non-empty string, got {_id!r}")
+        for key in ("text", "title") if what == "document" else ("text",):
+            value = obj.get(key)
+            if not isinstance(value, str) and not (key == "title" and value is None):
+                raise DataFormatError(f"{path}:{lineno}: field '{key}': expected a string, got {value!r}")
+        yield lineno, str(_id), obj
+
+
+def read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    """BEIR qrels TSV (`query-id<TAB>corpus-id<TAB>score`, a header line first): {qid: {docid: grade}}."""
+    if not path.is_file():
+        found = sorted(p.stem for p in path.parent.glob("*.tsv"))
+        raise DataFormatError(f"{path}: no qrels for split '{path.stem}' (splits found: {found or 'none'})")
+    qrels: dict[str, dict[str, int]] = defaultdict(dict)
+    for lineno, line in _lines(path):
+        fields = line.rstrip("\r\n").split("\t")
+        if lineno == 1 and fields == ["query-id", "corpus-id", "score"] or not line.strip():
+            continue
+        if len(fields) != 3:
+            raise DataFormatError(f"{path}:{lineno}: expected 'query-id<TAB>corpus-id<TAB>score', "
+                                  f"got {len(fields)} tab-separated fields")
+        qid, docid, grade = fields
+        try:
+            value = int(grade)
+        except ValueError:
+            raise DataFormatError(f"{path}:{lineno}: field 'score': expected an integer grade, got {grade!r}") from None
+        if docid in qrels[qid] and qrels[qid][docid] != value:
+            raise DataFormatError(f"{path}:{lineno}: query {qid!r} document {docid!r} is judged twice "
+                                  f"({qrels[qid][docid]} and {value})")
+        qrels[qid][docid] = value
+    return dict(qrels)
+
+
+def read_trec_run(path: str | Path, on_error: str = "raise",
+                  skipped: Counter | None = None) -> dict[str, dict[str, tuple[float, int]]]:
+    """A TREC run (`qid Q0 docid rank score tag` per line): {qid: {docid: (score, line number)}}.
+
+    The rank column is ignored (trec_eval ranks by score). A line with the wrong number of columns or a
+    score that is not a finite number, or a (qid, docid) seen before, is an error, or with
+    `on_error="skip"` a counted skip (`skipped`; a duplicate keeps its first line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"{path}: no such run file")
+    skipped = Counter() if skipped is None else skipped
+    run: dict[str, dict[str, tuple[float, int]]] = defaultdict(dict)
+    for lineno, line in _lines(path):
+        parts = line.split()
+        if not parts:
+            continue
+        problem, what = None, ""
+        if len(parts) != 6:
+            problem, what = "malformed run lines", f"expected 6 columns 'qid Q0 docid rank score tag', got {len(parts)}"
+        else:
+            qid, docid, score = parts[0], parts[2], _number(parts[4])
+            if score is None:
+                problem, what = "malformed run lines", f"field 'score' (column 5): expected a number, got {parts[4]!r}"
+            elif docid in run[qid]:
+                problem = "duplicate run lines"
+                what = f"document {docid!r} appears twice for query {qid!r} (first on line {run[qid][docid][1]})"
+        if problem:
+            _problem(f"{path}:{lineno}: {what}", problem, on_error, skipped)
+            continue
+        run[qid][docid] = (score, lineno)
+    return dict(run)
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _problem(message: str, kind: str, on_error: str, skipped: Counter) -> None:
+    if on_error == "raise":
+        raise DataFormatError(f"{message} (on_error=skip skips such lines and counts them)")
+    skipped[kind] += 1
+
+
+def load_beir_rerank(beir_dir: str | Path, run_file: str | Path, split: str | None = "test",
+                     top_k: int = 100, on_error: str = "raise",
+                     skipped: Counter | None = None) -> list[CandidateList]:
+    """BEIR corpus/queries/qrels plus a TREC run: each query's top-k first-stage results (trec_eval's order),
+    labelled by qrels (0 where unjudged), in qid order.
+
+    Each list carries its query's full qrels (`CandidateList.qrels`), so the metrics count relevant
+    documents the run missed, as trec_eval does. Run queries without qrels are not evaluated (trec_eval's
+    rule; counted in `skipped`). `split=None` reads no qrels: every run query is kept (reranking only).
+    A run line naming a query missing from queries.jsonl or a document missing from corpus.jsonl (among
+    the top k), a malformed or duplicate run line: an error, or with `on_error="skip"` a counted skip.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    beir_dir = Path(beir_dir)
+    if not beir_dir.is_dir():
+        raise DataFormatError(f"{beir_dir}: no such BEIR folder")
+    skipped = Counter() if skipped is None else skipped
+    before = sum(skipped.values())
+    qrels = read_qrels(beir_dir / "qrels" / f"{split}.tsv") if split is not None else None
+    run = read_trec_run(run_file, on_error, skipped)
+    queries = {qid: obj["text"] for _, qid, obj in _jsonl_objects(beir_dir / "queries.jsonl", "query")}
+    top = {}
+    for qid in sorted(run):
+        if qrels is not None and qid not in qrels:
+            skipped["run queries without qrels (not evaluated)"] += 1
+            continue
+        if qid not in queries:
+            line = min(line for _, line in run[qid].values())
+            _problem(f"{run_file}:{line}: query {qid!r} is not in {beir_dir / 'queries.jsonl'}",
+                     "run queries not in queries.jsonl", on_error, skipped)
+            continue
+        top[qid] = trec_order([(score, docid) for docid, (score, _) in run[qid].items()])[:top_k]
+    wanted = {docid for ranked in top.values() for _, docid in ranked}
+    corpus = {}
+    for _, docid, doc in _jsonl_objects(beir_dir / "corpus.jsonl", "document"):
+        if docid in wanted:
+            corpus[docid] = f"{doc.get('title') or ''} {doc['text']}".strip()
+    lists = []
+    for qid, ranked in top.items():
+        docids = []
+        for _, docid in ranked:
+            if docid in corpus:
+                docids.append(docid)
+            else:
+                _problem(f"{run_file}:{run[qid][docid][1]}: document {docid!r} is not in "
+                         f"{beir_dir / 'corpus.jsonl'}", "run lines with a document not in the corpus",
+                         on_error, skipped)
+        if not docids:
+            skipped["queries left without candidates"] += 1
+            continue
+        judgements = qrels[qid] if qrels is not None else {}
+        lists.append(CandidateList(qid, queries[qid], tuple(docids), tuple(corpus[d] for d in docids),
+                                   tuple(judgements.get(d, 0) for d in docids),
+                                   qrels=judgements if qrels is not None else None))
+    if sum(skipped.values()) > before:
+        log.warning("%s + %s: skipped %s", beir_dir, run_file, ", ".join(f"{n} {k}" for k, n in skipped.items()))
+    if not lists:
+        raise DataFormatError(f"{run_file}: no query left to rerank"
+                              + (f" (skipped: {dict(skipped)})" if skipped else ""))
     return lists
 
 
@@ -117,6 +299,7 @@ class CandidatePairs(Dataset):
         self.lists, self.formatter = lists, formatter
         self.index = [(qi, ci) for qi, cl in enumerate(lists) for ci in range(len(cl.docids))]
         self.tie_order = [docid_tie_order([list(cl.docids)])[0].tolist() for cl in lists]
+        self.judgements = query_judgements(lists)  # for the metrics: full qrels where the lists have them
         self._query_ids = [formatter.query_ids(cl.query) for cl in lists]
 
     def __len__(self) -> int:

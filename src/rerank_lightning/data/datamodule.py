@@ -92,6 +92,12 @@ class RerankDataModule(L.LightningDataModule):
             self.val_set = CandidatePairs(lists, self.formatter)
 
     @property
+    def val_judgements(self) -> dict | None:
+        """The validation queries' judgements beyond the labels (`candidates.query_judgements`): with
+        `val_beir`, the full qrels, so val/ metrics equal trec_eval's; None before setup."""
+        return self.val_set.judgements if self.val_set is not None else None
+
+    @property
     def has_val(self) -> bool:
         return bool(self.val_data or self.val_beir)
 

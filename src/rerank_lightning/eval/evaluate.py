@@ -1,23 +1,26 @@
-"""Evaluate an exported reranker (SPEC 8) on candidate lists or on a BEIR folder plus a first-stage run:
-`python -m rerank_lightning.eval.evaluate EXPORT_DIR CANDIDATES.jsonl [--k 10] [--relevance-threshold 1]`
-`python -m rerank_lightning.eval.evaluate EXPORT_DIR BEIR_DIR --run RUN.trec [--split test] [--top-k 100]`."""
+"""`rerank-lightning evaluate`: metrics of an exported reranker on candidate lists or on a BEIR folder
+plus a first-stage run, with trec_eval's semantics (SPEC 8)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from ..data.candidates import CandidateList, load_beir_rerank, load_candidate_lists
-from .metrics import docid_tie_order, per_query_metrics_from_rows
+from ..data.candidates import CandidateList, docid_tie_order, load_beir_rerank, load_candidate_lists, query_judgements
+from .metrics import DEFAULT_METRICS, per_query_metrics_from_rows
 
 
 def metrics_for_scores(lists: Sequence[CandidateList], scores: Sequence[float], k: int = 10,
-                       relevance_threshold: float = 1) -> dict[str, float]:
-    """Mean MRR@k, nDCG@k and MAP of one score per candidate (the lists flattened in order)."""
-    per_query = per_query_metrics_for_scores(lists, scores, k, relevance_threshold)
+                       relevance_threshold: float = 1, recall_k: int = 100) -> dict[str, float]:
+    """Mean metrics (`ranking_metrics`' names) of one score per candidate (the lists flattened in order)."""
+    per_query = per_query_metrics_for_scores(lists, scores, k, relevance_threshold, recall_k)
     return {name: float(v.mean()) for name, v in per_query.items()}
 
 
@@ -27,46 +30,106 @@ def default_device(name: str | None = None) -> torch.device:
 
 
 def per_query_metrics_for_scores(lists: Sequence[CandidateList], scores: Sequence[float], k: int = 10,
-                                 relevance_threshold: float = 1) -> dict[str, torch.Tensor]:
-    """{metric: [Q] float32} per query, in the order of `lists` (`ranking_metrics`' values)."""
+                                 relevance_threshold: float = 1, recall_k: int = 100) -> dict[str, torch.Tensor]:
+    """{metric: [Q] float32} per query, in the order of `lists`; with the lists' full qrels where they have
+    them (BEIR + run), so the values are trec_eval's on the run these scores make."""
     if len(scores) != sum(len(cl.labels) for cl in lists):
         raise ValueError(f"{len(scores)} scores for {sum(len(cl.labels) for cl in lists)} candidates")
     ties = docid_tie_order([list(cl.docids) for cl in lists])
     keys = [(qi, ci, label, int(ties[qi, ci])) for qi, cl in enumerate(lists) for ci, label in enumerate(cl.labels)]
     rows = torch.tensor([(*key, score) for key, score in zip(keys, scores)], dtype=torch.float64)
-    return per_query_metrics_from_rows(rows, k, relevance_threshold)
+    return per_query_metrics_from_rows(rows, k, relevance_threshold, DEFAULT_METRICS, recall_k=recall_k,
+                                       **query_judgements(list(lists)))
 
 
 def evaluate(reranker, lists: Sequence[CandidateList], k: int = 10, relevance_threshold: float = 1,
-             progress: bool | None = None) -> dict[str, float]:
-    """Mean MRR@k, nDCG@k and MAP of `reranker.score` over the candidate lists."""
+             progress: bool | None = None, recall_k: int = 100) -> dict[str, float]:
+    """Mean metrics of `reranker.score` over the candidate lists."""
     pairs = [(cl.query, text) for cl in lists for text in cl.texts]
-    return metrics_for_scores(lists, reranker.score(pairs, progress=progress), k, relevance_threshold)
+    return metrics_for_scores(lists, reranker.score(pairs, progress=progress), k, relevance_threshold, recall_k)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    from ..inference import Reranker
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model_dir")
-    parser.add_argument("candidates", help="candidate-list JSONL, or a BEIR folder with --run")
-    parser.add_argument("--run", help="TREC run file to rerank (with a BEIR folder)")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--top-k", type=int, default=100)
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--relevance-threshold", type=float, default=1)
-    parser.add_argument("--max-queries", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=16)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rerank-lightning evaluate",
+        description=textwrap.fill(width=90, text="Rerank candidates with an exported reranker and print its metrics as JSON: nDCG@k, "
+                    "RR@k (also printed as MRR@k), MAP, Recall@N (--recall-k) and Judged@k, computed as trec_eval does. "
+                    "With --beir/--run the full qrels of each query count (relevant documents the run missed "
+                    "lower nDCG, MAP and Recall), so the numbers equal trec_eval's on the reranked run "
+                    "(--run-out). With a candidate-list file the candidates' labels are the only judgements."),
+        epilog="examples:\n  rerank-lightning evaluate EXPORT data/sample/val_candidates.jsonl\n"
+               "  rerank-lightning evaluate EXPORT --beir trec_dl20 --run bm25.trec --relevance-threshold 2 "
+               "--json metrics.json --run-out reranked.trec",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir", metavar="EXPORT",
+                        help="exported reranker: the directory train.py or `rerank-lightning export` writes")
+    parser.add_argument("candidates", nargs="?", metavar="CANDIDATES.jsonl",
+                        help="candidate lists, one query per line: {qid, query, candidates: [{docid, text, label}]}")
+    parser.add_argument("--beir", metavar="DIR", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv); "
+                        "give it with --run instead of CANDIDATES.jsonl")
+    parser.add_argument("--run", metavar="RUN.trec", help="first-stage TREC run to rerank "
+                        "('qid Q0 docid rank score tag' per line; the rank column is ignored, as in trec_eval)")
+    parser.add_argument("--split", default="test", help="qrels split: reads DIR/qrels/SPLIT.tsv (default: test)")
+    parser.add_argument("--top-k", type=int, default=100, metavar="K", help="rerank each query's first K run documents "
+                        "(by run score, ties by docid as trec_eval; default: 100)")
+    parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                        help="run lines naming a query or document missing from the BEIR folder, duplicate or "
+                             "malformed run lines: stop with an error (raise, default) or skip them, counted in "
+                             "the output's 'skipped'")
+    parser.add_argument("--k", type=int, default=10, help="cut-off of nDCG, RR and Judged (default: 10)")
+    parser.add_argument("--recall-k", type=int, default=100, help="cut-off of Recall (default: 100)")
+    parser.add_argument("--relevance-threshold", type=float, default=1,
+                        help="grade from which a document counts as relevant for RR, MAP and Recall "
+                             "(trec_eval -l; TREC DL uses 2; default: 1). nDCG uses the grades themselves")
+    parser.add_argument("--max-queries", type=int, default=None, help="evaluate only the first N queries")
+    parser.add_argument("--batch-size", type=int, default=16, help="pairs per forward pass (default: 16)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    args = parser.parse_args(argv)
-    reranker = Reranker.from_pretrained(args.model_dir, device=default_device(args.device), batch_size=args.batch_size)
+    parser.add_argument("--json", metavar="OUT.json", help="also write the metrics to this file")
+    parser.add_argument("--run-out", metavar="OUT.trec",
+                        help="also write the reranked run (the evaluated queries) as a TREC run, e.g. for trec_eval")
+    return parser
+
+
+def load_lists(args: argparse.Namespace, parser: argparse.ArgumentParser,
+               skipped: Counter) -> list[CandidateList]:
+    """The candidate lists the arguments name (a candidate-list file, or a BEIR folder and a run)."""
+    beir = args.beir
+    if args.run and not beir and args.candidates:  # the older form: EXPORT BEIR_DIR --run RUN
+        beir, args.candidates = args.candidates, None
+    if bool(args.run) != bool(beir) or bool(args.candidates) == bool(args.run):
+        parser.error("give either CANDIDATES.jsonl or both --beir DIR and --run RUN.trec")
     if args.run:
-        lists = load_beir_rerank(args.candidates, args.run, args.split, args.top_k)[: args.max_queries]
-    else:
-        lists = load_candidate_lists(args.candidates, args.max_queries)
-    print(json.dumps(evaluate(reranker, lists, args.k, args.relevance_threshold, progress=True), indent=2))
+        lists = load_beir_rerank(beir, args.run, args.split, args.top_k, args.on_error, skipped)
+        return lists[: args.max_queries]
+    return load_candidate_lists(args.candidates, args.max_queries)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ..inference import Reranker
+    from .rerank import ranked_run, write_trec_run
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    skipped: Counter = Counter()
+    lists = load_lists(args, parser, skipped)
+    reranker = Reranker.from_pretrained(args.model_dir, device=default_device(args.device), batch_size=args.batch_size)
+    pairs = [(cl.query, text) for cl in lists for text in cl.texts]
+    scores = reranker.score(pairs, progress=True)
+    result: dict = metrics_for_scores(lists, scores, args.k, args.relevance_threshold, args.recall_k)
+    result["queries"] = len(lists)
+    if skipped:
+        result["skipped"] = dict(skipped)
+        print(f"skipped: {', '.join(f'{n} {what}' for what, n in skipped.items())}", file=sys.stderr)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    if args.run_out:
+        write_trec_run(args.run_out, ranked_run(lists, scores))
+    print(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from ..cli import main as cli_main
+
+    sys.exit(cli_main(["evaluate", *sys.argv[1:]]))

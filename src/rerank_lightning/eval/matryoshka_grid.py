@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from ..data.candidates import CandidateList, load_candidate_lists
+from ..data.records import DataFormatError
 from .evaluate import default_device, per_query_metrics_for_scores
 
 
@@ -154,10 +155,10 @@ def compare_grids(base_dir: str | Path, other_dir: str | Path, metric: str = "nD
         table: dict[tuple[int, int], dict[str, float]] = {}
         for r in _read_csv(folder / "per_query.csv"):
             if metric not in r:
-                raise ValueError(f"{folder / 'per_query.csv'} has no column {metric!r}")
+                raise DataFormatError(f"{folder / 'per_query.csv'} has no column {metric!r}")
             setting = table.setdefault((int(r["exit_layer"]), int(r["ratio"])), {})
             if r["qid"] in setting:
-                raise ValueError(f"{folder / 'per_query.csv'}: qid {r['qid']!r} appears twice in one setting")
+                raise DataFormatError(f"{folder / 'per_query.csv'}: qid {r['qid']!r} appears twice in one setting")
             setting[r["qid"]] = float(r[metric])
         per[name] = table
     adapters = {(int(r["exit_layer"]), int(r["ratio"])): r["adapter"] for r in _read_csv(other_dir / "grid.csv")}
@@ -166,7 +167,7 @@ def compare_grids(base_dir: str | Path, other_dir: str | Path, metric: str = "nD
     for key in sorted(set(per["base"]) & set(per["other"]), key=lambda kv: (kv[1], kv[0])):
         base, other = per["base"][key], per["other"][key]
         if set(base) != set(other):
-            raise ValueError(f"exit {key[0]} ratio {key[1]}: the two grids scored different queries")
+            raise DataFormatError(f"exit {key[0]} ratio {key[1]}: the two grids scored different queries")
         qids = sorted(base)
         diff = torch.tensor([other[q] - base[q] for q in qids], dtype=torch.float64)
         picks = torch.randint(len(qids), (samples, len(qids)), generator=gen)
@@ -179,17 +180,21 @@ def compare_grids(base_dir: str | Path, other_dir: str | Path, metric: str = "nD
             "better": int((diff > 0).sum()), "worse": int((diff < 0).sum()), "same": int((diff == 0).sum()),
         })
     if not rows:
-        raise ValueError(f"{base_dir} and {other_dir} share no (exit, ratio) setting")
+        raise DataFormatError(f"{base_dir} and {other_dir} share no (exit, ratio) setting")
     return rows
 
 
-def _compare_main(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(prog="matryoshka_grid compare",
-                                     description="pair two grids query by query (other minus base)")
-    parser.add_argument("base_dir")
-    parser.add_argument("other_dir")
-    parser.add_argument("--metric", default="nDCG@10")
-    parser.add_argument("--samples", type=int, default=2000)
+def compare_main(argv: Sequence[str] | None = None) -> int:
+    """`rerank-lightning matryoshka-compare BASE_DIR OTHER_DIR`."""
+    parser = argparse.ArgumentParser(
+        prog="rerank-lightning matryoshka-compare",
+        description="Pair two grids written by `rerank-lightning matryoshka-grid` (each DIR holds grid.csv and "
+                    "per_query.csv) query by query, other minus base: per (exit layer, ratio) the mean change "
+                    "with a paired bootstrap 95% interval and how many queries got better or worse.")
+    parser.add_argument("base_dir", help="the grid folder to compare against (e.g. without compensation)")
+    parser.add_argument("other_dir", help="the grid folder compared with it (e.g. with compensation adapters)")
+    parser.add_argument("--metric", default="nDCG@10", help="a column of per_query.csv (default: nDCG@10)")
+    parser.add_argument("--samples", type=int, default=2000, help="bootstrap resamples (default: 2000)")
     parser.add_argument("--out", help="folder for compare.csv and compare.md (default: print only)")
     args = parser.parse_args(argv)
     rows = compare_grids(args.base_dir, args.other_dir, args.metric, args.samples)
@@ -204,30 +209,41 @@ def _compare_main(argv: Sequence[str]) -> None:
         _write_csv(out / "compare.csv", rows)
         (out / "compare.md").write_text(text)
     print(text)
+    return 0
 
 
 def _ints(text: str | None) -> list[int] | None:
     return [int(x) for x in text.split(",") if x.strip()] if text else None
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
+    """`rerank-lightning matryoshka-grid EXPORT CANDIDATES --out DIR` (`compare ...` as the first argument:
+    `compare_main`, kept for the older `python -m` form)."""
     from ..inference import Reranker
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare"]:
-        return _compare_main(argv[1:])
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+        return compare_main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="rerank-lightning matryoshka-grid",
+        description="Score candidate lists with a Matryoshka export at every (exit layer, compression ratio) and "
+                    "write DIR/grid.csv, grid.md, grid.png (nDCG@k and MRR@k against the cost) and per_query.csv. "
+                    "Cost of a pair: the decoder layers it runs times the tokens each sees (token_layers), "
+                    "its GFLOPs, and relative_cost against the full model.")
     parser.add_argument("model_dir", help="a Matryoshka export (stage 1, with compensation adapters if any)")
-    parser.add_argument("candidates", help="candidate-list JSONL (SPEC 8)")
-    parser.add_argument("--out", required=True, help="folder for grid.csv, grid.md, grid.png")
+    parser.add_argument("candidates", help="candidate lists, one query per line: {qid, query, candidates: "
+                        "[{docid, text, label}]}")
+    parser.add_argument("--out", required=True, help="folder for grid.csv, grid.md, grid.png, per_query.csv")
     parser.add_argument("--exits", help="comma-separated exit layers (default: every head)")
-    parser.add_argument("--ratios", default="1,2,4,8")
-    parser.add_argument("--compress-layers", help="default: the trained ones")
-    parser.add_argument("--max-queries", type=int, default=None)
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--relevance-threshold", type=float, default=1)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--title", default="")
+    parser.add_argument("--ratios", default="1,2,4,8", help="comma-separated compression ratios, 1 = none "
+                        "(default: 1,2,4,8)")
+    parser.add_argument("--compress-layers", help="comma-separated layers that compress (default: the trained ones)")
+    parser.add_argument("--max-queries", type=int, default=None, help="use only the first N queries")
+    parser.add_argument("--k", type=int, default=10, help="cut-off of nDCG and MRR (default: 10)")
+    parser.add_argument("--relevance-threshold", type=float, default=1,
+                        help="grade from which a passage counts as relevant for MRR and MAP (default: 1)")
+    parser.add_argument("--batch-size", type=int, default=16, help="pairs per forward pass (default: 16)")
+    parser.add_argument("--title", default="", help="title of the plot and table")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--no-compensation", action="store_true",
                         help="ignore compensation adapters: the stage-1 model at every setting")
@@ -245,7 +261,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     paths = write_outputs(rows, args.out, args.title, args.k, per_query)
     print((Path(args.out) / "grid.md").read_text())
     print(json.dumps({"written": [str(p) for p in paths], "queries": len(lists)}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from ..cli import main as cli_main
+
+    sys.exit(cli_main(["matryoshka-grid", *sys.argv[1:]]))

@@ -1,11 +1,13 @@
-"""Per-query ranking metrics (MRR@k, nDCG@k, MAP) on padded tensors, matching trec_eval."""
+"""Per-query ranking metrics (RR@k, nDCG@k, MAP, Recall@k, Judged@k) on padded tensors, matching trec_eval."""
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 import torch
 
-METRICS = ("MRR", "nDCG", "MAP")
+# RR and MRR are one metric under two names (ir_measures' RR@k; MRR@k as the project logged it first).
+METRICS = ("RR", "MRR", "nDCG", "MAP", "Recall", "Judged")
+DEFAULT_METRICS = METRICS
 _INT64_MIN = torch.iinfo(torch.int64).min
 
 
@@ -80,30 +82,39 @@ def _requested(metrics: Iterable[str] | str) -> set[str]:
 def ranking_metrics(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None,
                     k: int = 10, relevance_threshold: float = 1.0,
                     tie_order: torch.Tensor | None = None,
-                    metrics: Iterable[str] = METRICS) -> dict[str, torch.Tensor]:
+                    metrics: Iterable[str] = DEFAULT_METRICS,
+                    judged: torch.Tensor | None = None, judged_grades: torch.Tensor | None = None,
+                    recall_k: int = 100) -> dict[str, torch.Tensor]:
     """Per-query metrics for Q queries x C candidates (padded), trec_eval semantics.
 
-    scores [Q, C] float; labels [Q, C] graded relevance (int or float); mask [Q, C] bool, True for a real
-    candidate (padding ignored entirely, also for the ideal DCG and the count of relevant docs);
-    tie_order [Q, C] int: among equal scores, higher tie_order ranks first (use docid_tie_order to
-    reproduce trec_eval); without it (or among equal tie_order) the earlier column ranks first.
-    metrics: which of "MRR", "nDCG", "MAP" to compute (default all). Returns the requested ones of
-    {f"MRR@{k}": [Q], f"nDCG@{k}": [Q], "MAP": [Q]} as float32 tensors.
+    scores [Q, C] float; labels [Q, C] graded relevance (int or float; 0 for an unjudged candidate);
+    mask [Q, C] bool, True for a real candidate (padding is ignored entirely); tie_order [Q, C] int:
+    among equal scores, higher tie_order ranks first (`data.candidates.docid_tie_order` reproduces
+    trec_eval); without it (or among equal tie_order) the earlier column ranks first.
+    The query's full judgements, when the candidates are a run cut from a larger collection:
+    judged_grades [Q, J] float, every grade the qrels give the query (NaN pads), so the ideal DCG and
+    the number of relevant documents (MAP, Recall) count relevant documents the candidates miss, as
+    trec_eval does with the full qrels; judged [Q, C] bool, whether the qrels judge each candidate
+    (Judged@k). Without them the candidates' labels are the only judgements (all candidates judged).
+    metrics: which of METRICS to compute (default DEFAULT_METRICS). Returns the requested ones of
+    {f"RR@{k}", f"MRR@{k}" (the same values, the older name), f"nDCG@{k}", "MAP", f"Recall@{recall_k}",
+    f"Judged@{k}"}, each [Q] float32.
 
-    - MRR@k: trec_eval recip_rank cut at k; relevant means label >= relevance_threshold. (ir_measures RR@k
+    - RR@k: trec_eval recip_rank cut at k; relevant means label >= relevance_threshold. (ir_measures RR@k
       uses its msmarco provider, which breaks ties by docid ascending: pass -docid_tie_order(...) for that.)
     - nDCG@k: trec_eval ndcg_cut_k: gain = label (not 2^label - 1), labels <= 0 give no gain, ideal DCG
-      from all real candidates cut at k. Like trec_eval, relevance_threshold does NOT affect nDCG.
-    - MAP: trec_eval map (no cut), relevant means label >= relevance_threshold.
-    A query without relevant candidates scores 0 everywhere.
+      from the k largest judged grades. Like trec_eval, relevance_threshold does NOT affect nDCG.
+    - MAP: trec_eval map (no cut); Recall@k: trec_eval recall_k; both relative to every relevant judgement.
+    - Judged@k: the share of the top min(k, candidates) that is judged (ir_measures' Judged@k).
+    A query without relevant judgements scores 0 (Judged@k aside).
 
     The rank order is one exact int64 key per candidate (`_rank_key`); MAP sorts it, the cut metrics
-    alone need only its top k (nDCG: `topk`; MRR alone: the rank of the best relevant candidate, by
-    counting). Where the key cannot be exact (e.g. float64 scores that float32 cannot hold), the same
-    order comes from successive stable sorts. Every path gives the same values.
+    alone need only its top k (`topk`; RR alone: the rank of the best relevant candidate, by counting).
+    Where the key cannot be exact (e.g. float64 scores that float32 cannot hold), the same order comes
+    from successive stable sorts. Every path gives the same values.
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    if k < 1 or recall_k < 1:
+        raise ValueError(f"k and recall_k must be >= 1, got {k}, {recall_k}")
     if scores.dim() != 2 or labels.shape != scores.shape:
         raise ValueError(f"expected scores and labels of equal shape [Q, C], got {scores.shape}, {labels.shape}")
     wanted = _requested(metrics)
@@ -117,56 +128,67 @@ def ranking_metrics(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tens
         mask = mask.to(device=device, dtype=torch.bool)
     if tie_order is not None:
         tie_order = tie_order.to(device)
+    if judged_grades is not None:
+        judged_grades = judged_grades.detach().to(device=device, dtype=work)
     zeros = torch.zeros(num_queries, device=device, dtype=work)
     if num_cands == 0:
-        return _named({"MRR": zeros, "nDCG": zeros, "MAP": zeros}, wanted, k)
+        return _named(dict.fromkeys(("RR", "nDCG", "MAP", "Recall", "Judged"), zeros), wanted, k, recall_k)
 
     key = _rank_key(scores, mask, tie_order)
     out: dict[str, torch.Tensor] = {}
-    if key is not None and wanted == {"MRR"}:
-        out["MRR"] = _reciprocal_rank_by_counting(key, labels, mask, k, relevance_threshold, work)
-        return _named(out, wanted, k)
+    if key is not None and wanted <= {"RR", "MRR"}:
+        out["RR"] = _reciprocal_rank_by_counting(key, labels, mask, k, relevance_threshold, work)
+        return _named(out, wanted, k, recall_k)
 
     cut = min(k, num_cands)
-    if key is None:  # MAP needs the full rank order; MRR and nDCG only its top k
+    depth = num_cands if "MAP" in wanted else min(max(k, recall_k if "Recall" in wanted else 1), num_cands)
+    if key is None:  # MAP needs the full rank order; the cut metrics only its top
         order = _ranking_order(scores, torch.ones_like(scores, dtype=torch.bool) if mask is None else mask,
-                               tie_order)
-        if "MAP" not in wanted:
-            order = order[:, :cut]
-    elif "MAP" in wanted:
+                               tie_order)[:, :depth]
+    elif depth == num_cands:
         order = key.argsort(dim=1, descending=True)  # keys of real candidates are distinct
     else:
-        order = key.topk(cut, dim=1).indices  # sorted, descending
+        order = key.topk(depth, dim=1).indices  # sorted, descending
     ranked_labels = labels.gather(1, order).to(work)
-    rel = ranked_labels >= relevance_threshold
-    if mask is not None:
-        real = mask.gather(1, order)
-        rel &= real
-    rel = rel.to(work)
+    real = torch.ones_like(order, dtype=torch.bool) if mask is None else mask.gather(1, order)
+    rel = ((ranked_labels >= relevance_threshold) & real).to(work)
     ranks = torch.arange(1, order.shape[1] + 1, device=device, dtype=work)
-    # discounts over all C ranks, then cut (as elementwise kernels may round a vector's tail differently)
-    discounts = (1.0 / torch.log2(torch.arange(2, num_cands + 2, device=device, dtype=work)))[:cut]
+    if judged_grades is None:  # the candidates hold every judgement
+        num_rel = ((labels.to(work) >= relevance_threshold) & (True if mask is None else mask)).sum(dim=1)
+    else:
+        num_rel = (judged_grades >= relevance_threshold).sum(dim=1)  # NaN padding compares False
+    num_rel = num_rel.to(work)
 
-    if "MRR" in wanted:
+    if wanted & {"RR", "MRR"}:
         # max over the top k of rel/rank is 1/rank of the first relevant (0 if none).
-        out["MRR"] = (rel[:, :cut] / ranks[:cut]).amax(dim=1)
+        out["RR"] = (rel[:, :cut] / ranks[:cut]).amax(dim=1)
     if "nDCG" in wanted:
-        gains = ranked_labels[:, :cut].clamp(min=0)
-        if mask is not None:
-            gains = gains * real[:, :cut]
-        dcg = (gains * discounts).sum(dim=1)
-        idcg = (_ideal_gains(labels, mask, cut, work) * discounts).sum(dim=1)
+        ideal = _ideal_gains(labels, mask, cut, work) if judged_grades is None else \
+            judged_grades.nan_to_num(0.0).clamp(min=0).topk(min(k, judged_grades.shape[1]), dim=1).values
+        # discounts over all ranks, then cut (as elementwise kernels may round a vector's tail differently)
+        length = max(num_cands, ideal.shape[1])
+        discounts = 1.0 / torch.log2(torch.arange(2, length + 2, device=device, dtype=work))
+        dcg = (ranked_labels[:, :cut].clamp(min=0) * real[:, :cut] * discounts[:cut]).sum(dim=1)
+        idcg = (ideal * discounts[: ideal.shape[1]]).sum(dim=1)
         out["nDCG"] = torch.where(idcg > 0, dcg / idcg.clamp(min=torch.finfo(work).tiny), zeros)
     if "MAP" in wanted:
-        num_rel = rel.sum(dim=1)
         precision_at_hits = rel.cumsum(dim=1) / ranks * rel
         out["MAP"] = torch.where(num_rel > 0, precision_at_hits.sum(dim=1) / num_rel.clamp(min=1), zeros)
-    return _named(out, wanted, k)
+    if "Recall" in wanted:
+        found = rel[:, :recall_k].sum(dim=1)
+        out["Recall"] = torch.where(num_rel > 0, found / num_rel.clamp(min=1), zeros)
+    if "Judged" in wanted:
+        top_real = real[:, :cut]
+        top_judged = top_real if judged is None else judged.to(device).gather(1, order[:, :cut]) & top_real
+        shown = top_real.sum(dim=1).to(work)
+        out["Judged"] = torch.where(shown > 0, top_judged.sum(dim=1).to(work) / shown.clamp(min=1), zeros)
+    return _named(out, wanted, k, recall_k)
 
 
-def _named(values: dict[str, torch.Tensor], wanted: set[str], k: int) -> dict[str, torch.Tensor]:
-    names = {"MRR": f"MRR@{k}", "nDCG": f"nDCG@{k}", "MAP": "MAP"}
-    return {names[m]: values[m].float() for m in METRICS if m in wanted}
+def _named(values: dict[str, torch.Tensor], wanted: set[str], k: int, recall_k: int) -> dict[str, torch.Tensor]:
+    names = {"RR": f"RR@{k}", "MRR": f"MRR@{k}", "nDCG": f"nDCG@{k}", "MAP": "MAP",
+             "Recall": f"Recall@{recall_k}", "Judged": f"Judged@{k}"}
+    return {names[m]: values["RR" if m == "MRR" else m].float() for m in METRICS if m in wanted}
 
 
 def _ideal_gains(labels: torch.Tensor, mask: torch.Tensor | None, cut: int, work: torch.dtype) -> torch.Tensor:
@@ -196,35 +218,23 @@ def _reciprocal_rank_by_counting(key: torch.Tensor, labels: torch.Tensor, mask: 
     return torch.where(found, 1.0 / rank.to(work), torch.zeros((), device=key.device, dtype=work))
 
 
-def docid_tie_order(docids: list[list[str]], width: int | None = None) -> torch.Tensor:
-    """[Q, width] long tensor such that ranking_metrics breaks score ties like trec_eval (padding gets -1).
-
-    trec_eval sorts a query's run by score descending, then by docno descending in strcmp (byte) order,
-    ignoring the order of the run file: e.g. tied docs rank "zz" > "b" > "ab" > "a" > "Z" > "B" > "9" > "10".
-    So the tie order of a doc is its position in ascending byte order of the query's docids.
-    """
-    width = max((len(ids) for ids in docids), default=0) if width is None else width
-    out = torch.full((len(docids), width), -1, dtype=torch.long)
-    for i, ids in enumerate(docids):  # string sorting is inherently per query; this is preprocessing
-        if len(ids) > width:
-            raise ValueError(f"query {i} has {len(ids)} docids > width {width}")
-        ascending = sorted(range(len(ids)), key=lambda j: ids[j].encode("utf-8"))
-        out[i, ascending] = torch.arange(len(ids))
-    return out
-
-
 def mean_metrics_from_rows(rows: torch.Tensor, k: int = 10, relevance_threshold: float = 1.0,
-                           metrics: Iterable[str] = METRICS) -> dict[str, torch.Tensor]:
+                           metrics: Iterable[str] = DEFAULT_METRICS, **judgements: torch.Tensor | int | None,
+                           ) -> dict[str, torch.Tensor]:
     """Mean metrics from [N, 5] rows (query index, candidate index, label, tie order, score).
 
     Rows may come in any order and may repeat (a distributed sampler pads with duplicates).
+    `judgements`: `judged` [Q, C] / `judged_grades` [Q, J] indexed by query and candidate index
+    (`data.candidates.query_judgements`), and `recall_k`, as in `ranking_metrics`.
     """
-    per_query = per_query_metrics_from_rows(rows, k, relevance_threshold, metrics)
+    per_query = per_query_metrics_from_rows(rows, k, relevance_threshold, metrics, **judgements)
     return {name: values.mean() for name, values in per_query.items()}
 
 
 def per_query_metrics_from_rows(rows: torch.Tensor, k: int = 10, relevance_threshold: float = 1.0,
-                                metrics: Iterable[str] = METRICS) -> dict[str, torch.Tensor]:
+                                metrics: Iterable[str] = DEFAULT_METRICS, judged: torch.Tensor | None = None,
+                                judged_grades: torch.Tensor | None = None,
+                                recall_k: int = 100) -> dict[str, torch.Tensor]:
     """Per-query metrics ([Q] each, indexed by query index) from rows as in `mean_metrics_from_rows`."""
     qi, ci = rows[:, 0].long(), rows[:, 1].long()
     shape = (int(qi.max()) + 1, int(ci.max()) + 1)
@@ -232,5 +242,11 @@ def per_query_metrics_from_rows(rows: torch.Tensor, k: int = 10, relevance_thres
     mask = torch.zeros(shape, dtype=torch.bool, device=rows.device)
     label[qi, ci], tie[qi, ci], score[qi, ci] = rows[:, 2], rows[:, 3], rows[:, 4]
     mask[qi, ci] = True
+    if judged is not None:
+        judged = judged.to(rows.device)[qi, ci]
+        judged = torch.zeros(shape, dtype=torch.bool, device=rows.device).index_put_((qi, ci), judged)
+    if judged_grades is not None:
+        judged_grades = judged_grades[: shape[0]]
     return ranking_metrics(score, label, mask, k=k, relevance_threshold=relevance_threshold,
-                           tie_order=tie.long(), metrics=metrics)
+                           tie_order=tie.long(), metrics=metrics, judged=judged, judged_grades=judged_grades,
+                           recall_k=recall_k)

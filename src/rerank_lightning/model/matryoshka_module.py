@@ -195,7 +195,8 @@ class MatryoshkaModule(RerankerModule):
         for layer, chunks in sorted(self._val_exits.items()):
             rows = torch.cat(chunks)
             rows = self.all_gather(rows).reshape(-1, rows.shape[-1])
-            metrics = mean_metrics_from_rows(rows, self.metric_cfg["k"], self.metric_cfg["relevance_threshold"])
+            metrics = mean_metrics_from_rows(rows, self.metric_cfg["k"], self.metric_cfg["relevance_threshold"],
+                                             **(getattr(self.trainer.datamodule, "val_judgements", None) or {}))
             for name, value in metrics.items():
                 logged[f"val/exit{layer}/{name}"] = value
                 if layer == top:

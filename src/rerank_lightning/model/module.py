@@ -157,7 +157,8 @@ class RerankerModule(L.LightningModule):
         rows = torch.cat(self._val_outputs)
         self._val_outputs.clear()
         rows = self.all_gather(rows).reshape(-1, rows.shape[-1])  # every rank sees all queries
-        metrics = mean_metrics_from_rows(rows, self.metric_cfg["k"], self.metric_cfg["relevance_threshold"])
+        metrics = mean_metrics_from_rows(rows, self.metric_cfg["k"], self.metric_cfg["relevance_threshold"],
+                                         **(getattr(self.trainer.datamodule, "val_judgements", None) or {}))
         if not self.trainer.sanity_checking:
             self.last_validated_step = self.trainer.global_step
         self.log_dict({f"val/{name}": value for name, value in metrics.items()}, prog_bar=True, sync_dist=False)
