@@ -166,18 +166,6 @@ class MatryoshkaModule(RerankerModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
         return loss
 
-    def export_model(self, formatter: Any, out_dir: Any, merge: bool = True,
-                     base_model: Mapping[str, Any] | None = None) -> Path:
-        """Stage 1: model, heads and settings to `out_dir`. Compensation: the adapter alone, into the
-        stage-1 export it started from (`<model.pretrained>/compensation/<depth|width_rN>`)."""
-        from ..inference.matryoshka_export import export_compensation, export_matryoshka
-
-        if self.mcfg["stage"] == "compensation":
-            ratio = 1 if self.mcfg["factor"] == "depth" else int(self.mcfg["compress_ratios"][0])
-            return export_compensation(self.lm, self.model_cfg["pretrained"], self.mcfg["factor"], ratio)
-        return export_matryoshka(self.lm, self.heads, formatter, out_dir, self.mcfg, merge=merge,
-                                 base_model=base_model)
-
     # ---- validation: every exit at `val_compress_ratio` --------------------------------------------
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
