@@ -30,8 +30,7 @@ def write_model_card(out_dir: Path, recipe: Mapping[str, Any], card: Mapping[str
         f"- Training data: {_data(card.get('train_data'))}",
         f"- Recipe: `{recipe['recipe']}`, query up to {recipe['query_max_len']} tokens, passage up to "
         f"{recipe['passage_max_len']}; full settings in `reranker_config.json`",
-        f"- Score: the logit of the token \"Yes\" (id {recipe['yes_token_id']}) after the prompt; higher is more "
-        f"relevant; no sigmoid.",
+        _score_line(recipe),
         "",
         "Each pair is laid out as `[BOS] {query_instruction}{query}\\n{passage_instruction}{passage}\\n{prompt}` with",
         "",
@@ -96,6 +95,14 @@ def write_model_card(out_dir: Path, recipe: Mapping[str, Any], card: Mapping[str
         "",
     ]
     (out_dir / "README.md").write_text("\n".join(lines))
+
+
+def _score_line(recipe: Mapping[str, Any]) -> str:
+    if recipe["recipe"] == "matryoshka":
+        return ("- Score: layer-wise heads at any exit layer, with optional passage compression (Matryoshka); "
+                "scored by rerank-lightning only, the weights load in transformers as a plain causal LM.")
+    return (f"- Score: the logit of the token \"Yes\" (id {recipe['yes_token_id']}) after the prompt; higher is more "
+            f"relevant; no sigmoid.")
 
 
 def _data(train_data: Any) -> str:
