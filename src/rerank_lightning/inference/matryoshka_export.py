@@ -15,8 +15,7 @@ from typing import Any
 import torch
 
 from ..data.formatting import PairFormatter
-from ..model.matryoshka import LayerwiseHeads
-from ..model.matryoshka_module import HEADS_FILE, compensation_name
+from ..model.matryoshka import HEADS_FILE, LayerwiseHeads, compensation_name
 from .export import RECIPE_FILE, export_reranker
 
 COMPENSATION_FILE = "compensation.json"

@@ -70,7 +70,7 @@ class Reranker:
             lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
         heads, adapters = None, []
         if recipe["recipe"] == "matryoshka":
-            from ..model.matryoshka_module import load_heads
+            from ..model.matryoshka import load_heads
 
             heads = load_heads(path)
             lm, adapters = _load_compensation(lm, path)
