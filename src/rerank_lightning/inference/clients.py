@@ -39,11 +39,12 @@ def _write(path: Path, data: Any) -> None:
 
 def make_portable(out_dir: Path, padding_side: str, pad_token: str) -> None:
     """Rewrite `config.json` and `tokenizer_config.json` so that transformers 4.x and 5 read them alike."""
-    config = _read(out_dir / "config.json")
-    config.update(legacy_rope_keys(config))
-    if "dtype" in config:
-        config.setdefault("torch_dtype", config["dtype"])  # the name before 4.56
-    _write(out_dir / "config.json", config)
+    if (out_dir / "config.json").is_file():  # an adapter-only export has none
+        config = _read(out_dir / "config.json")
+        config.update(legacy_rope_keys(config))
+        if "dtype" in config:
+            config.setdefault("torch_dtype", config["dtype"])  # the name before 4.56
+        _write(out_dir / "config.json", config)
 
     tok = _read(out_dir / "tokenizer_config.json")
     tok["tokenizer_class"] = V5_ONLY_TOKENIZER_CLASSES.get(tok.get("tokenizer_class"), tok.get("tokenizer_class"))
