@@ -15,8 +15,7 @@ from typing import Any
 import torch
 
 from ..data.formatting import PairFormatter
-from ..model.matryoshka import LayerwiseHeads
-from ..model.matryoshka_module import HEADS_FILE, compensation_name
+from ..model.matryoshka import HEADS_FILE, LayerwiseHeads, compensation_name
 from .export import RECIPE_FILE, export_reranker
 
 COMPENSATION_FILE = "compensation.json"
@@ -35,6 +34,17 @@ def export_matryoshka(lm: torch.nn.Module, heads: LayerwiseHeads, formatter: Pai
     recipe["matryoshka"] = {"exits": heads.layers, **{k: settings[k] for k in RECIPE_KEYS if k in settings}}
     (out / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
     return out
+
+
+def export_matryoshka_module(module: Any, formatter: PairFormatter, out_dir: str | Path, merge: bool = True,
+                             base_model: dict[str, Any] | None = None) -> Path:
+    """A trained `MatryoshkaModule`. Stage 1: model, heads and settings to `out_dir`. Compensation: the
+    adapter alone, into the stage-1 export it started from (`<model.pretrained>/compensation/<depth|width_rN>`)."""
+    mcfg = module.mcfg
+    if mcfg["stage"] == "compensation":
+        ratio = 1 if mcfg["factor"] == "depth" else int(mcfg["compress_ratios"][0])
+        return export_compensation(module.lm, module.model_cfg["pretrained"], mcfg["factor"], ratio)
+    return export_matryoshka(module.lm, module.heads, formatter, out_dir, mcfg, merge=merge, base_model=base_model)
 
 
 def export_compensation(lm: torch.nn.Module, stage1_dir: str | Path, factor: str, ratio: int) -> Path:

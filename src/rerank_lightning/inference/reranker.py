@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..data.formatting import FORMATTERS, PairFormatter, formatter_from_recipe, pad_token_id
-from ..data.instruction import pad_batch
+from ..data.padding import pad_batch
 from ..model.scoring import answer_logits, score_positions
 from .export import FORMAT_VERSION, RECIPE_FILE
 
 
 class Reranker:
     """Scores pairs with the exported model: the "Yes" logit after the recipe's prompt.
+
+    Reads like sentence-transformers' `CrossEncoder`: `predict(pairs)` gives one score per pair,
+    `rank(query, passages, top_k)` the passages best first.
 
     A Matryoshka export (SPEC 7) scores with its layer-wise heads at any exit layer, compress
     layers and ratio chosen per call, and switches to the compensation adapter that matches
@@ -34,7 +38,9 @@ class Reranker:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, batch_size: int = 16) -> "Reranker":
+                        dtype: torch.dtype | str | None = None, batch_size: int = 16) -> "Reranker":
+        """Load an export. `device` None: CUDA when there is one, else CPU. `dtype` (a torch dtype or its
+        name, e.g. "bfloat16") None: the dtype the weights were saved in."""
         from transformers import AutoModelForCausalLM
 
         from ..model.backbone import auto_tokenizer
@@ -44,6 +50,9 @@ class Reranker:
         if not recipe_path.is_file():
             raise FileNotFoundError(f"{path} is not an exported reranker: {RECIPE_FILE} is missing")
         recipe = json.loads(recipe_path.read_text())
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if recipe.get("format_version") != FORMAT_VERSION or recipe.get("recipe") not in FORMATTERS:
             raise ValueError(f"{recipe_path}: unsupported recipe {recipe.get('recipe')!r} "
                              f"version {recipe.get('format_version')!r}")
@@ -61,14 +70,31 @@ class Reranker:
             lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
         heads, adapters = None, []
         if recipe["recipe"] == "matryoshka":
-            from ..model.matryoshka_module import load_heads
+            from ..model.matryoshka import load_heads
 
             heads = load_heads(path)
             lm, adapters = _load_compensation(lm, path)
-        if device is not None:
-            lm = lm.to(device)
-            heads = heads.to(device) if heads is not None else None
+        lm = lm.to(device)
+        heads = heads.to(device) if heads is not None else None
         return cls(lm, formatter, batch_size, heads, recipe.get("matryoshka"), adapters)
+
+    def predict(self, pairs: Sequence[tuple[str, str]], batch_size: int | None = None,
+                show_progress_bar: bool | None = None, prompt: str | None = None) -> np.ndarray:
+        """One score per (query, passage) pair, as `CrossEncoder.predict` returns them (float32 array)."""
+        return np.asarray(self.score(list(pairs), prompt=prompt, batch_size=batch_size, progress=show_progress_bar),
+                          dtype=np.float32)
+
+    def rank(self, query: str, passages: Sequence[str], top_k: int | None = None, return_documents: bool = False,
+             batch_size: int | None = None, show_progress_bar: bool | None = None,
+             prompt: str | None = None) -> list[dict[str, Any]]:
+        """The passages best first, as `CrossEncoder.rank` gives them: `{"corpus_id", "score"}` (and `"text"`
+        with `return_documents`), the top `top_k` only when given; ties keep the passages' order."""
+        passages = list(passages)
+        scores = self.score([(query, p) for p in passages], prompt=prompt, batch_size=batch_size,
+                            progress=show_progress_bar)
+        order = sorted(range(len(passages)), key=lambda i: -scores[i])[:top_k]
+        return [{"corpus_id": i, "score": scores[i], **({"text": passages[i]} if return_documents else {})}
+                for i in order]
 
     @torch.no_grad()
     def score(self, pairs: Sequence[tuple[str, str]] | tuple[str, str], prompt: str | None = None,
@@ -151,9 +177,7 @@ class Reranker:
 
     def rerank(self, query: str, passages: Iterable[str], prompt: str | None = None) -> list[tuple[int, float]]:
         """(passage index, score) pairs, best first."""
-        passages = list(passages)
-        scores = self.score([(query, p) for p in passages], prompt=prompt)
-        return sorted(enumerate(scores), key=lambda x: -x[1])
+        return [(r["corpus_id"], r["score"]) for r in self.rank(query, list(passages), prompt=prompt)]
 
 
 def _load_compensation(lm: torch.nn.Module, path: Path) -> tuple[torch.nn.Module, list[str]]:

@@ -14,6 +14,7 @@ Works for the decoders whose model loop is embed -> rotary -> per-layer masks ->
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
@@ -26,6 +27,7 @@ from .compression import token_compress
 from .scoring import causal_lm
 
 COMPRESS_METHODS = ("attention", "mean")
+HEADS_FILE = "matryoshka_heads.safetensors"  # beside a stage-1 export
 
 
 def exit_layers(num_layers: int, start_layer: int, layer_sep: int = 1) -> list[int]:
@@ -223,3 +225,22 @@ def exit_scores(lm: nn.Module, heads: LayerwiseHeads, input_ids: torch.Tensor, a
     states = exit_hidden_states(lm, input_ids, attention_mask, exits, compress_layers, compress_ratio,
                                 query_lengths, prompt_lengths, compress_method)
     return {l: heads(l, states[l]).float() for l in exits}
+
+
+def load_heads(directory: str | Path, device: torch.device | None = None) -> LayerwiseHeads:
+    """The heads written next to an exported stage-1 model."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / HEADS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {directory} is not an exported Matryoshka stage-1 model")
+    state = load_file(str(path), device=str(device or "cpu"))
+    layers = [int(k.split(".")[1]) for k in state]
+    heads = LayerwiseHeads(next(iter(state.values())).shape[1], layers)
+    heads.load_state_dict(state)
+    return heads.to(next(iter(state.values())).dtype)
+
+
+def compensation_name(factor: str, ratio: int) -> str:
+    """The adapter folder under `<stage-1 export>/compensation/`: `depth` or `width_r<ratio>`."""
+    return "depth" if factor == "depth" else f"width_r{int(ratio)}"

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
 from ..eval.metrics import mean_metrics_from_rows
 from .losses import SELF_DISTILL_METHODS, matryoshka_loss, self_distill_teachers
-from .matryoshka import COMPRESS_METHODS, LayerwiseHeads, exit_layers, exit_scores
+from .matryoshka import (  # noqa: F401  (HEADS_FILE, compensation_name: part of this module's API)
+    COMPRESS_METHODS, HEADS_FILE, LayerwiseHeads, compensation_name, exit_layers, exit_scores, load_heads,
+)
 from .module import RerankerModule, _plain, micro_batched
 
-HEADS_FILE = "matryoshka_heads.safetensors"
 STAGES = ("self_distill", "compensation")
 FACTORS = ("depth", "width")
 DEFAULTS: dict[str, Any] = {
@@ -29,25 +29,6 @@ DEFAULTS: dict[str, Any] = {
     "val_compress_ratio": 1,          # validation: this ratio at every compress layer
     "seed": 0,                        # with the step, picks each step's compression
 }
-
-
-def load_heads(directory: str | Path, device: torch.device | None = None) -> LayerwiseHeads:
-    """The heads written next to an exported stage-1 model."""
-    from safetensors.torch import load_file
-
-    path = Path(directory) / HEADS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {directory} is not an exported Matryoshka stage-1 model")
-    state = load_file(str(path), device=str(device or "cpu"))
-    layers = [int(k.split(".")[1]) for k in state]
-    heads = LayerwiseHeads(next(iter(state.values())).shape[1], layers)
-    heads.load_state_dict(state)
-    return heads.to(next(iter(state.values())).dtype)
-
-
-def compensation_name(factor: str, ratio: int) -> str:
-    """The adapter folder under `<stage-1 export>/compensation/`: `depth` or `width_r<ratio>`."""
-    return "depth" if factor == "depth" else f"width_r{int(ratio)}"
 
 
 class MatryoshkaModule(RerankerModule):
@@ -165,18 +146,6 @@ class MatryoshkaModule(RerankerModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
         return loss
-
-    def export_model(self, formatter: Any, out_dir: Any, merge: bool = True,
-                     base_model: Mapping[str, Any] | None = None) -> Path:
-        """Stage 1: model, heads and settings to `out_dir`. Compensation: the adapter alone, into the
-        stage-1 export it started from (`<model.pretrained>/compensation/<depth|width_rN>`)."""
-        from ..inference.matryoshka_export import export_compensation, export_matryoshka
-
-        if self.mcfg["stage"] == "compensation":
-            ratio = 1 if self.mcfg["factor"] == "depth" else int(self.mcfg["compress_ratios"][0])
-            return export_compensation(self.lm, self.model_cfg["pretrained"], self.mcfg["factor"], ratio)
-        return export_matryoshka(self.lm, self.heads, formatter, out_dir, self.mcfg, merge=merge,
-                                 base_model=base_model)
 
     # ---- validation: every exit at `val_compress_ratio` --------------------------------------------
 

@@ -183,13 +183,6 @@ class RerankerModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def export_model(self, formatter: Any, out_dir: Any, merge: bool = True,
-                     base_model: Mapping[str, Any] | None = None) -> Any:
-        """Write the trained reranker (SPEC 9); see `inference.export.export_reranker`."""
-        from ..inference.export import export_reranker
-
-        return export_reranker(self.lm, formatter, out_dir, merge=merge, base_model=base_model)
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()  # `load_from_checkpoint` needs the LM before the state dict is loaded
 
