@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-# name -> ("module:function", one-line help). New commands (e.g. `mine`, `score-teacher`) are one row here.
+# name -> ("module:function", one-line help). A new command is one row here.
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("rerank_lightning.cli:train_main", "train a reranker: Hydra overrides as for `python train.py`"),
     "export": ("rerank_lightning.inference.export:main",
@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rerank": ("rerank_lightning.eval.rerank:main", "rerank a TREC run (BEIR folder texts) and write a TREC run"),
     "evaluate": ("rerank_lightning.eval.evaluate:main",
                  "metrics of an export on candidate lists or a BEIR folder + run (trec_eval semantics)"),
+    "mine": ("rerank_lightning.commands.mine:main",
+             "hard negatives from BM25 or a TREC run into FlagEmbedding training JSONL"),
+    "score-teacher": ("rerank_lightning.commands.score_teacher:main",
+                      "add teacher scores (pos_scores/neg_scores) to training JSONL with any loadable reranker"),
     "matryoshka-grid": ("rerank_lightning.eval.matryoshka_grid:main",
                         "Matryoshka export: quality against cost over exit layers x compression ratios"),
     "matryoshka-compare": ("rerank_lightning.eval.matryoshka_grid:compare_main",
