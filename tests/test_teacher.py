@@ -1,5 +1,6 @@
 """Teacher scores (`rerank-lightning score-teacher`): exactly the scorer's, resumable, from every kind of teacher."""
 
+import copy
 import json
 
 import pytest
@@ -94,7 +95,7 @@ def test_cross_encoder_scores_its_logit(mistral_tokenizer, tmp_path):
     model = LlamaForSequenceClassification(config).eval()
     ce_dir = tmp_path / "ce"
     model.save_pretrained(ce_dir)
-    tok = mistral_tokenizer
+    tok = copy.deepcopy(mistral_tokenizer)  # the session's tokenizer stays without a pad token
     tok.pad_token = tok.pad_token or tok.unk_token
     tok.save_pretrained(ce_dir)
     assert teacher_kind(ce_dir) == "cross-encoder"

@@ -77,16 +77,17 @@ def legacy_rope_keys(config: Mapping[str, Any]) -> dict[str, Any]:
     return keys
 
 
-def score_template(formatter: PairFormatter, lead: str = "") -> str:
+def score_template(formatter: PairFormatter, lead: str = "", first_lead: str | None = None) -> str:
     """A chat template over the "query" and "document" roles that renders the recipe's layout
     `[BOS] query_instruction query SEP passage_instruction passage SEP prompt` (SPEC 3).
 
     The formatter tokenizes each part on its own; `lead` (" " for sentencepiece tokenizers that add a
-    dummy prefix to every part) makes the whole text tokenize into the same pieces."""
+    dummy prefix to every part) makes the whole text tokenize into the same pieces. `first_lead` (default:
+    `lead`) goes before the first part, where a sentencepiece tokenizer already adds the dummy prefix itself."""
     tok = formatter.tokenizer
     recipe = formatter.recipe()
 
-    def text(s: str) -> str:
+    def text(s: str, lead: str = lead) -> str:
         return "{{ " + json.dumps(lead + s, ensure_ascii=False) + " }}"
 
     def role(name: str) -> str:
@@ -95,7 +96,8 @@ def score_template(formatter: PairFormatter, lead: str = "") -> str:
     bos = "{{ " + json.dumps(tok.convert_ids_to_tokens(formatter.bos_ids[0]), ensure_ascii=False) + " }}" \
         if formatter.bos_ids else ""
     sep = text(recipe["separator"])
-    return (bos + text(recipe["query_instruction"]) + role("query") + sep
+    first = text(recipe["query_instruction"], lead if first_lead is None else first_lead)
+    return (bos + first + role("query") + sep
             + text(recipe["passage_instruction"]) + role("document") + sep + text(recipe["prompt"]))
 
 
@@ -107,8 +109,8 @@ def template_ids(tokenizer: Any, template: str, query: str, passage: str) -> lis
 
 def matching_score_template(formatter: PairFormatter) -> str | None:
     """The score template whose token ids equal the formatter's on the probe pairs, else None."""
-    for lead in ("", " "):
-        template = score_template(formatter, lead)
+    for lead, first_lead in (("", ""), (" ", " "), (" ", "")):
+        template = score_template(formatter, lead, first_lead)
         if all(template_ids(formatter.tokenizer, template, q, p) == formatter.encode_pair(q, p)
                for q, p in PROBE_PAIRS):
             return template
