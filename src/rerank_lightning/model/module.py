@@ -183,8 +183,8 @@ class RerankerModule(L.LightningModule):
         what = f"gradient norm {grad_norm}" + ("" if losses_finite else " and a non-finite loss")
         causes = [f"optim.lr={self.optim_cfg['lr']} too high"]
         if self.loss_cfg["distill_weight"]:
-            causes.append(f"loss.temperature={self.loss_cfg['temperature']} too small or teacher scores too "
-                          "large for float32")
+            causes.append(f"with teacher scores, loss.temperature={self.loss_cfg['temperature']} too small or "
+                          "the scores too large for float32")
         precision = getattr(self.trainer, "precision", None)
         if precision and "16" in str(precision):
             causes.append(f"overflow in {precision} precision")
