@@ -4,6 +4,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 import lightning  # noqa: F401  before Hydra's logging setup, which replaces its console handler (conf/hydra)
@@ -14,7 +15,7 @@ from omegaconf.errors import MissingMandatoryValue
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
     """One `error:` line on stderr (newlines folded), then exit: 2 for bad input or config."""
     print("error: " + " ".join(message.split()), file=sys.stderr)
     sys.exit(code)

@@ -58,9 +58,12 @@ def train(cfg: DictConfig) -> float | None:
     _write_resolved_config(cfg)
     datamodule, module, trainer = build(cfg)
     try:
-        return _fit_and_export(cfg, datamodule, module, trainer)
-    finally:
-        _finish_logger_runs(trainer)
+        metric = _fit_and_export(cfg, datamodule, module, trainer)
+    except BaseException:
+        _finish_logger_runs(trainer, exit_code=1)
+        raise
+    _finish_logger_runs(trainer, exit_code=0)
+    return metric
 
 
 def _write_resolved_config(cfg: DictConfig) -> None:
@@ -73,13 +76,13 @@ def _write_resolved_config(cfg: DictConfig) -> None:
     log.info("resolved config: %s", path)
 
 
-def _finish_logger_runs(trainer: L.Trainer) -> None:
+def _finish_logger_runs(trainer: L.Trainer, exit_code: int) -> None:
     """End this job's W&B run: W&B keeps one run per process, so the next job of a sweep would log into it."""
     if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
         import wandb
 
         if wandb.run is not None:
-            wandb.finish()
+            wandb.finish(exit_code=exit_code)
 
 
 def _fit_and_export(cfg: DictConfig, datamodule: RerankDataModule, module: RerankerModule,

@@ -185,9 +185,8 @@ class RerankerModule(L.LightningModule):
         if self.loss_cfg["distill_weight"]:
             causes.append(f"with teacher scores, loss.temperature={self.loss_cfg['temperature']} too small or "
                           "the scores too large for float32")
-        precision = getattr(self.trainer, "precision", None)
-        if precision and "16" in str(precision):
-            causes.append(f"overflow in {precision} precision")
+        if "16" in str(self.trainer.precision):
+            causes.append(f"overflow in {self.trainer.precision} precision")
         return (f"training stopped at step {self.global_step + 1}: {what}; the update was not applied and "
                 f"nothing was exported. Likely cause: {', or '.join(causes)}")
 
