@@ -1,31 +1,46 @@
 """Train a reranker: `python train.py [data=...] [model=...] [key=value ...]` (see README)."""
 
 import os
+import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
+import lightning  # noqa: F401  before Hydra's logging setup, which replaces its console handler (conf/hydra)
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 
+def _fail(message: str, code: int = 2) -> NoReturn:
+    """One `error:` line on stderr (newlines folded), then exit: 2 for bad input or config."""
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+    sys.exit(code)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from rerank_lightning.config_checks import ConfigError
     from rerank_lightning.data import DataFormatError, FormatConfigError
     from rerank_lightning.model import WeightsUnavailableError
+    from rerank_lightning.model.module import NonFiniteTrainingError
     from rerank_lightning.train import train
 
     try:
         return train(cfg)
     except MissingMandatoryValue as err:
-        print(f"error: {err.full_key} is not set: give it on the command line, e.g. "
-              f"{err.full_key}=/path/to/train.jsonl (see README, Configuration)", file=sys.stderr)
-        sys.exit(2)
-    except (DataFormatError, FormatConfigError, WeightsUnavailableError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"{err.full_key} is not set: give it on the command line, e.g. "
+              f"{err.full_key}=/path/to/train.jsonl (see README, Configuration)")
+    except (ConfigError, DataFormatError, FormatConfigError, WeightsUnavailableError) as err:
+        _fail(str(err))
+    except InstantiationException as err:  # a constructor refused a config value: name the group and the reason
+        key = re.search(r"full_key: (\S+)", str(err))
+        _fail(f"{key.group(1) + ': ' if key else ''}{err.__cause__ or err}")
+    except NonFiniteTrainingError as err:  # a failed run, not a usage error
+        _fail(str(err), code=1)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from .config_checks import check_config
 from .data import RerankDataModule
 from .inference.export import export_from_trainer
 from .data.formatting import FormatConfigError
@@ -50,8 +54,39 @@ def build(cfg: DictConfig) -> tuple[RerankDataModule, RerankerModule, L.Trainer]
 
 def train(cfg: DictConfig) -> float | None:
     """Fit with validation before and after, export, and return `cfg.optimized_metric` for sweepers."""
-    log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    check_config(cfg)  # before any weights are read
+    _write_resolved_config(cfg)
     datamodule, module, trainer = build(cfg)
+    try:
+        metric = _fit_and_export(cfg, datamodule, module, trainer)
+    except BaseException:
+        _finish_logger_runs(trainer, exit_code=1)
+        raise
+    _finish_logger_runs(trainer, exit_code=0)
+    return metric
+
+
+def _write_resolved_config(cfg: DictConfig) -> None:
+    """The config as this run used it, to <run folder>/resolved_config.yaml (the screen shows only the path)."""
+    if rank_zero_only.rank != 0:
+        return
+    path = Path(cfg.paths.output_dir) / "resolved_config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    log.info("resolved config: %s", path)
+
+
+def _finish_logger_runs(trainer: L.Trainer, exit_code: int) -> None:
+    """End this job's W&B run: W&B keeps one run per process, so the next job of a sweep would log into it."""
+    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=exit_code)
+
+
+def _fit_and_export(cfg: DictConfig, datamodule: RerankDataModule, module: RerankerModule,
+                    trainer: L.Trainer) -> float | None:
     has_val = datamodule.has_val
     if has_val and cfg.validate_before_training and not cfg.ckpt_path:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the step-0 baseline
@@ -73,19 +108,27 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def _summary(cfg: DictConfig, trainer: L.Trainer, before: dict, after: dict, export_dir: Path | None) -> None:
+    """Print the end-of-run summary and write it to <run folder>/summary.json."""
     if not trainer.is_global_zero:
         return
+    ckpt = trainer.checkpoint_callback
+    checkpoint = ckpt.last_model_path if ckpt is not None and ckpt.last_model_path else None
+    # MLflow keeps its runs in a tracking store (a URI), the others in a folder
+    logs = {type(logger).__name__: str(getattr(logger, "log_dir", None) or logger.save_dir
+                                       or getattr(logger, "_tracking_uri", None)) for logger in trainer.loggers}
+    summary = {"steps": trainer.global_step, "metrics_before": before, "metrics_after": after,
+               "checkpoint": checkpoint, "export": str(export_dir) if export_dir else None, "logs": logs}
+    path = Path(cfg.paths.output_dir) / "summary.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+
     lines = [f"finished {trainer.global_step} optimizer steps"]
     for name in sorted(after):
         start = f"{before[name]:.4f} at step 0 -> " if name in before else ""
         lines.append(f"  {name}: {start}{after[name]:.4f} at step {trainer.global_step}")
-    ckpt = trainer.checkpoint_callback
-    if ckpt is not None and ckpt.last_model_path:
-        lines.append(f"checkpoint: {ckpt.last_model_path}")
+    if checkpoint:
+        lines.append(f"checkpoint: {checkpoint}")
     if export_dir is not None:
         lines.append(f"exported model: {export_dir}")
-    for logger in trainer.loggers:
-        # MLflow keeps its runs in a tracking store (a URI), the others in a folder
-        where = getattr(logger, "log_dir", None) or logger.save_dir or getattr(logger, "_tracking_uri", None)
-        lines.append(f"{type(logger).__name__} logs: {where}")
+    lines += [f"{name} logs: {where}" for name, where in logs.items()]
+    lines.append(f"summary: {path}")
     print("\n".join(lines), flush=True)

@@ -30,6 +30,7 @@ NOT_TEXT = {
     b"\xfe\xff": "is UTF-16 text; re-encode it as UTF-8",
 }
 UTF8_BOM = b"\xef\xbb\xbf"  # written by some editors; an encoding mark, not data: dropped
+ON_ERROR = ("raise", "skip")  # data.on_error: stop at the first bad record, or skip and count them
 
 
 class DataFormatError(ValueError):
@@ -281,8 +282,8 @@ def load_records(
     on_error: str = "raise",
 ) -> tuple[list[TrainRecord], LoadReport]:
     """Load and validate every record; `on_error="skip"` skips bad records but counts and reports them."""
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     records: list[TrainRecord] = []
     report = LoadReport()
     for path in expand_paths(train_data):

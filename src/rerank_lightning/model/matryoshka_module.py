@@ -31,6 +31,22 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+def check_settings(matryoshka: Mapping[str, Any], lora: bool) -> None:
+    """ValueError naming the `matryoshka.*` key whose value cannot work (before any model is loaded)."""
+    cfg = {**DEFAULTS, **matryoshka}
+    for key, allowed in (("stage", STAGES), ("compress_method", COMPRESS_METHODS),
+                         ("method", SELF_DISTILL_METHODS)):
+        if cfg[key] not in allowed:
+            raise ValueError(f"matryoshka.{key} must be one of {allowed}, got {cfg[key]!r}")
+    if any(int(r) < 1 for r in cfg["compress_ratios"]) or not cfg["compress_ratios"]:
+        raise ValueError(f"matryoshka.compress_ratios must be integers >= 1, got {cfg['compress_ratios']}")
+    if cfg["stage"] == "compensation":
+        if cfg["factor"] not in FACTORS:
+            raise ValueError(f"compensation needs matryoshka.factor in {FACTORS}, got {cfg['factor']!r}")
+        if not lora:
+            raise ValueError("compensation trains a fresh LoRA adapter: set model.lora.enabled=true")
+
+
 class MatryoshkaModule(RerankerModule):
     """Layer-wise heads at every exit, trained with random passage compression (SPEC 7).
 
@@ -47,18 +63,7 @@ class MatryoshkaModule(RerankerModule):
         super().__init__(*args, **kwargs)
         self.mcfg = {**DEFAULTS, **(_plain(matryoshka) or {})}
         self.hparams["matryoshka"] = self.mcfg
-        cfg = self.mcfg
-        for key, allowed in (("stage", STAGES), ("compress_method", COMPRESS_METHODS),
-                             ("method", SELF_DISTILL_METHODS)):
-            if cfg[key] not in allowed:
-                raise ValueError(f"matryoshka.{key} must be one of {allowed}, got {cfg[key]!r}")
-        if any(int(r) < 1 for r in cfg["compress_ratios"]) or not cfg["compress_ratios"]:
-            raise ValueError(f"matryoshka.compress_ratios must be integers >= 1, got {cfg['compress_ratios']}")
-        if cfg["stage"] == "compensation":
-            if cfg["factor"] not in FACTORS:
-                raise ValueError(f"compensation needs matryoshka.factor in {FACTORS}, got {cfg['factor']!r}")
-            if not (self.model_cfg.get("lora") or {}).get("enabled"):
-                raise ValueError("compensation trains a fresh LoRA adapter: set model.lora.enabled=true")
+        check_settings(self.mcfg, lora=(self.model_cfg.get("lora") or {}).get("enabled", False))
         self.heads: LayerwiseHeads | None = None
         self.exits: list[int] = []
         self._val_exits: dict[int, list[torch.Tensor]] = {}

@@ -15,6 +15,10 @@ from .losses import DISTILLATIONS, OBJECTIVES, ScoredGroups, loss_config
 from .scoring import answer_logits, score_positions
 
 
+class NonFiniteTrainingError(RuntimeError):
+    """A NaN or inf loss or gradient norm; raised before the optimizer step, so no weight took it."""
+
+
 def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
@@ -96,6 +100,7 @@ class RerankerModule(L.LightningModule):
         self.lm: torch.nn.Module | None = None
         self._val_outputs: list[torch.Tensor] = []
         self.last_validated_step: int | None = None
+        self._losses_finite: torch.Tensor | None = None  # since the last optimizer step
         # With LoRA, checkpoints keep only trainable weights; the frozen base comes from `model`.
         self.strict_loading = not (self.model_cfg.get("lora") or {}).get("enabled", False)
 
@@ -145,6 +150,40 @@ class RerankerModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=scores.shape[0])
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
         return loss
+
+    def on_train_start(self) -> None:
+        # `from_pretrained` returns eval mode and Lightning keeps module modes at fit start; dropout and
+        # transformers' gradient checkpointing need train mode. Validation captures and restores it.
+        self.trainer.model.train()
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss.detach())
+        self._losses_finite = finite if self._losses_finite is None else self._losses_finite & finite
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop on a non-finite loss or gradient norm before the step writes it into the weights."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor over the ranks' shards
+            norm = norm.full_tensor()
+        losses_finite = self._losses_finite if self._losses_finite is not None else torch.ones((), dtype=torch.bool)
+        self._losses_finite = None
+        # fp16's GradScaler skips the steps whose gradients overflow by itself; the loss must still be finite
+        norm_finite = torch.isfinite(norm) | (self.trainer.scaler is not None)
+        bad = not bool(losses_finite & norm_finite)
+        if self.trainer.strategy.reduce_boolean_decision(bad, all=False):  # every rank stops together
+            raise NonFiniteTrainingError(self._non_finite_message(bool(losses_finite), float(norm)))
+
+    def _non_finite_message(self, losses_finite: bool, grad_norm: float) -> str:
+        what = f"gradient norm {grad_norm}" + ("" if losses_finite else " and a non-finite loss")
+        causes = [f"optim.lr={self.optim_cfg['lr']} too high"]
+        if self.loss_cfg["distill_weight"]:
+            causes.append(f"with teacher scores, loss.temperature={self.loss_cfg['temperature']} too small or "
+                          "the scores too large for float32")
+        if "16" in str(self.trainer.precision):
+            causes.append(f"overflow in {self.trainer.precision} precision")
+        return (f"training stopped at step {self.global_step + 1}: {what}; the update was not applied and "
+                f"nothing was exported. Likely cause: {', or '.join(causes)}")
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         scores = self.score_logits(batch["pair"])[:, self.yes_id].float()
