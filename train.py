@@ -13,6 +13,7 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from rerank_lightning.checkpoints import CheckpointError
     from rerank_lightning.data import DataFormatError, FormatConfigError
     from rerank_lightning.model import WeightsUnavailableError
     from rerank_lightning.train import train
@@ -23,7 +24,7 @@ def main(cfg: DictConfig) -> float | None:
         print(f"error: {err.full_key} is not set: give it on the command line, e.g. "
               f"{err.full_key}=/path/to/train.jsonl (see README, Configuration)", file=sys.stderr)
         sys.exit(2)
-    except (DataFormatError, FormatConfigError, WeightsUnavailableError) as err:
+    except (CheckpointError, DataFormatError, FormatConfigError, WeightsUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

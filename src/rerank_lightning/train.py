@@ -10,6 +10,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from .checkpoints import check_resume
 from .data import RerankDataModule
 from .inference.export import export_from_trainer
 from .data.formatting import FormatConfigError
@@ -51,6 +52,8 @@ def build(cfg: DictConfig) -> tuple[RerankDataModule, RerankerModule, L.Trainer]
 def train(cfg: DictConfig) -> float | None:
     """Fit with validation before and after, export, and return `cfg.optimized_metric` for sweepers."""
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    if cfg.ckpt_path:  # before any model is loaded: a missing, broken or finished checkpoint is one error line
+        check_resume(cfg.ckpt_path, cfg.trainer.get("max_steps"), cfg.trainer.get("max_epochs"))
     datamodule, module, trainer = build(cfg)
     has_val = datamodule.has_val
     if has_val and cfg.validate_before_training and not cfg.ckpt_path:
@@ -58,7 +61,7 @@ def train(cfg: DictConfig) -> float | None:
         before = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     else:
         before = {}
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     if has_val and getattr(module, "last_validated_step", None) != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     after = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
