@@ -16,6 +16,8 @@ import os
 import pickle
 import random
 import re
+import socket
+import time
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
 # A sharded (FSDP) checkpoint is a directory: Lightning's metadata file plus torch.distributed.checkpoint's.
 SHARDED_METADATA = "meta.pt"
 SHARDED_INDEX = ".metadata"
-PARTIAL_SUFFIX = ".partial"  # `.<name>.<pid>.partial`: a checkpoint being written
+PARTIAL_SUFFIX = ".partial"  # `.<name>@<host>@<pid>.partial`: a checkpoint being written
 LIGHTNING_KEYS = ("state_dict", "global_step", "loops")
 
 
@@ -47,7 +49,7 @@ def _load(path: Path, mmap: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(err))
         what = f" ({found.group(1)})" if found else ""
         raise CheckpointError(f"{path} holds pickled Python objects{what}, not only tensors and plain containers: "
                               f"refused (checkpoints are read with weights_only=True; train.py never writes such "
@@ -100,24 +102,39 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _alive(pid: int) -> bool:
+STALE_AFTER_S = 3600  # a partial file of another host untouched this long belongs to a killed save
+
+
+def _partial_name(path: Path) -> Path:
+    return path.parent / f".{path.name}@{socket.gethostname()}@{os.getpid()}{PARTIAL_SUFFIX}"
+
+
+def _writer_gone(partial: Path) -> bool:
+    """Whether the process that wrote `partial` (named by `_partial_name`) has stopped writing it."""
+    _, host, pid = (["", "", ""] + partial.name[: -len(PARTIAL_SUFFIX)].rsplit("@", 2))[-3:]
+    if host != socket.gethostname() or not pid.isdigit():
+        return time.time() - partial.stat().st_mtime > STALE_AFTER_S
+    if int(pid) == os.getpid():
+        return True  # this process writes one checkpoint at a time: an earlier one of its own failed
     try:
-        os.kill(pid, 0)
+        os.kill(int(pid), 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:
         return True
-    return True
+    except PermissionError:
+        return False
+    return False
 
 
 def remove_orphans(directory: str | os.PathLike) -> list[Path]:
-    """Delete the partial checkpoints in `directory` left by processes that no longer run; return them."""
+    """Delete the partial checkpoints in `directory` left by saves that were killed; return them."""
     removed = []
-    for tmp in Path(directory).glob(f".*{PARTIAL_SUFFIX}"):
-        pid = tmp.name[: -len(PARTIAL_SUFFIX)].rsplit(".", 1)[-1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp)
+    for partial in Path(directory).glob(f".*{PARTIAL_SUFFIX}"):
+        try:
+            if _writer_gone(partial):
+                partial.unlink(missing_ok=True)
+                removed.append(partial)
+        except FileNotFoundError:  # its writer renamed it meanwhile
+            continue
     if removed:
         log.info("removed %d partial checkpoint(s) of an interrupted save in %s", len(removed), directory)
     return removed
@@ -129,7 +146,7 @@ def atomic_save(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(path.parent)
-    tmp = path.parent / f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}"
+    tmp = _partial_name(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(checkpoint, f)
