@@ -23,6 +23,7 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from rerank_lightning.checkpoints import CheckpointError
     from rerank_lightning.config_checks import ConfigError
     from rerank_lightning.data import DataFormatError, FormatConfigError
     from rerank_lightning.model import WeightsUnavailableError
@@ -34,7 +35,7 @@ def main(cfg: DictConfig) -> float | None:
     except MissingMandatoryValue as err:
         _fail(f"{err.full_key} is not set: give it on the command line, e.g. "
               f"{err.full_key}=/path/to/train.jsonl (see README, Configuration)")
-    except (ConfigError, DataFormatError, FormatConfigError, WeightsUnavailableError) as err:
+    except (CheckpointError, ConfigError, DataFormatError, FormatConfigError, WeightsUnavailableError) as err:
         _fail(str(err))
     except InstantiationException as err:  # a constructor refused a config value: name the group and the reason
         key = re.search(r"full_key: (\S+)", str(err))

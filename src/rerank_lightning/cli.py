@@ -35,11 +35,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the user's input is wrong, not the program (imported only when one is raised)."""
+    from .checkpoints import CheckpointError
     from .data.formatting import FormatConfigError
     from .data.records import DataFormatError
     from .model.backbone import WeightsUnavailableError
 
-    return (DataFormatError, FormatConfigError, WeightsUnavailableError, FileNotFoundError, IsADirectoryError,
+    return (CheckpointError, DataFormatError, FormatConfigError, WeightsUnavailableError, FileNotFoundError, IsADirectoryError,
             NotADirectoryError, PermissionError)
 
 

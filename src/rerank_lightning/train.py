@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from .checkpoints import check_resume
 from .config_checks import check_config
 from .data import RerankDataModule
 from .inference.export import export_from_trainer
@@ -56,6 +57,8 @@ def train(cfg: DictConfig) -> float | None:
     """Fit with validation before and after, export, and return `cfg.optimized_metric` for sweepers."""
     check_config(cfg)  # before any weights are read
     _write_resolved_config(cfg)
+    if cfg.ckpt_path:  # before any model is loaded: a missing, broken or finished checkpoint is one error line
+        check_resume(cfg.ckpt_path, cfg.trainer.get("max_steps"), cfg.trainer.get("max_epochs"))
     datamodule, module, trainer = build(cfg)
     try:
         metric = _fit_and_export(cfg, datamodule, module, trainer)
@@ -93,7 +96,7 @@ def _fit_and_export(cfg: DictConfig, datamodule: RerankDataModule, module: Reran
         before = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     else:
         before = {}
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     if has_val and getattr(module, "last_validated_step", None) != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     after = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}

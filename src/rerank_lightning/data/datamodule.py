@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import logging
+import warnings
 from typing import Any, Sequence
 
 import lightning as L
@@ -13,6 +15,7 @@ from .candidates import CandidatePairs, collate_candidates, load_beir_rerank, lo
 from .sampling import GroupSampler
 from .tokenized import default_cache_dir
 
+log = logging.getLogger(__name__)
 RECIPES = {"instruction": instruction, "matryoshka": matryoshka}  # each: DataArguments, dataset, collator
 
 
@@ -105,8 +108,10 @@ class RerankDataModule(L.LightningDataModule):
         sampler = GroupSampler(len(self.train_set), seed=self.args.seed)
         if self._resume:
             # Mid-epoch resume: skip what this rank already consumed so batches match an uninterrupted run.
+            # Records consumed over all ranks, split over this run's ranks (a changed world size keeps the position).
+            samples = self._resume.get("samples", self._resume["batches"] * self.batch_size * sampler.num_replicas)
             sampler.set_epoch(self._resume["epoch"])
-            sampler.skip = min(self._resume["batches"] * self.batch_size, sampler.per_rank)
+            sampler.skip = min(samples // sampler.num_replicas, sampler.per_rank)
             self._resume = {}
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
                           collate_fn=self.collator, num_workers=self.num_workers,
@@ -119,12 +124,33 @@ class RerankDataModule(L.LightningDataModule):
         return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False,
                           collate_fn=collate, num_workers=self.num_workers)
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands in the epoch, and the facts that decide which batches come next."""
         trainer = self.trainer
-        if trainer is None:
+        if trainer is None or self.train_set is None:
             return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        return {"epoch": trainer.current_epoch, "batches": int(done)}
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+        return {"epoch": trainer.current_epoch, "batches": done,
+                "samples": done * self.batch_size * trainer.world_size,  # records consumed over all ranks
+                **self.resume_facts()}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def resume_facts(self) -> dict[str, Any]:
+        """What a resumed run must share with the checkpoint to see the batches of an uninterrupted run."""
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        return {"train_data": self.train_set.tokens.fingerprint, "num_records": len(self.train_set),
+                "train_group_size": self.args.train_group_size, "seed": self.args.seed,
+                "batch_size": self.batch_size, "world_size": world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self._resume = dict(state) if state else {}
+        if not self._resume or self.train_set is None:
+            return
+        now = self.resume_facts()
+        changed = ["train_data (records or formatting) changed" if key == "train_data"
+                   else f"{key} {self._resume[key]!r} -> {now[key]!r}"
+                   for key in now if key in self._resume and self._resume[key] != now[key]]
+        if changed:
+            log.warning("resuming from a checkpoint of different training (%s): the resumed run will not see the "
+                        "batches an uninterrupted run would", "; ".join(changed))
+        # This datamodule resumes mid-epoch itself (see train_dataloader); Lightning's generic warning does not apply.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")

@@ -9,6 +9,7 @@ import argparse
 import copy
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -143,26 +144,28 @@ def module_class(hparams: dict[str, Any]) -> type:
 
 def load_module_checkpoint(checkpoint: str | Path) -> Any:
     """A `RerankerModule` on CPU from a checkpoint file or from the sharded directory of `trainer=fsdp`
-    (read in this one process, no process group needed)."""
-    path = Path(checkpoint)
-    if not path.is_dir():
-        hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
-        return module_class(hparams).load_from_checkpoint(path, map_location="cpu")
-    import torch.distributed.checkpoint as dcp
-    from lightning.fabric.strategies.fsdp import _METADATA_FILENAME
+    (read in this one process, no process group needed). Nothing in the files is unpickled beyond tensors
+    and plain containers; a file that is not a train.py checkpoint raises `CheckpointError`."""
+    from ..checkpoints import CheckpointError, read_checkpoint
 
-    if not (path / _METADATA_FILENAME).is_file():
-        raise FileNotFoundError(f"{path} is a directory but not a sharded checkpoint (no {_METADATA_FILENAME})")
-    meta = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=False)
-    module = module_class(meta["hyper_parameters"])(**meta["hyper_parameters"])
+    path = Path(checkpoint)
+    hparams = read_checkpoint(path, need=("state_dict", "hyper_parameters")).get("hyper_parameters") or {}
+    if not isinstance(hparams, dict) or not {"model", "recipe"} <= set(hparams):
+        raise CheckpointError(f"{path} is not a rerank-lightning checkpoint (its hyper_parameters lack "
+                              f"'model' and 'recipe', which train.py records)")
+    if not path.is_dir():
+        return module_class(hparams).load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    import torch.distributed.checkpoint as dcp
+
+    module = module_class(hparams)(**hparams)
     module.configure_model()
     reader = dcp.FileSystemReader(path)
     saved = {k.split(".", 1)[1] for k in reader.read_metadata().state_dict_metadata if k.startswith("model.")}
     state = {k: v for k, v in module.state_dict().items() if k in saved}
     if unknown := saved - set(state):
-        raise KeyError(f"{path} holds weights the model does not have: {sorted(unknown)[:5]}")
+        raise CheckpointError(f"{path} holds weights the model does not have: {sorted(unknown)[:5]}")
     if module.strict_loading and (absent := set(module.state_dict()) - saved):
-        raise KeyError(f"{path} lacks weights of the model: {sorted(absent)[:5]}")
+        raise CheckpointError(f"{path} lacks weights of the model: {sorted(absent)[:5]}")
     dcp.load({"model": state}, storage_reader=reader, no_dist=True)  # in place, into the module's tensors
     module.load_state_dict(state, strict=module.strict_loading)
     module.eval()
@@ -175,22 +178,32 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, merge: bool =
     from ..model import load_tokenizer
 
     module = load_module_checkpoint(checkpoint)
-    recipe = module.hparams.get("recipe")
-    if not recipe:
-        raise ValueError(f"{checkpoint} has no formatting recipe in its hyperparameters; export the module "
-                         f"with export_reranker(module.lm, formatter, out_dir) instead")
-    formatter = formatter_from_recipe(load_tokenizer(module.hparams["model"]), recipe)
+    formatter = formatter_from_recipe(load_tokenizer(module.hparams["model"]), module.hparams["recipe"])
     return export_module(module, formatter, out_dir, merge=merge, base_model=module.hparams["model"])
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Export a rerank-lightning checkpoint (SPEC 9)")
-    parser.add_argument("checkpoint")
+def main(argv: list[str] | None = None) -> int:
+    """`rerank-lightning export CHECKPOINT OUT_DIR`: 0 on success; a bad checkpoint or an output path that
+    cannot be written prints one `error:` line and returns 2."""
+    from ..checkpoints import CheckpointError
+    from ..model import WeightsUnavailableError
+
+    parser = argparse.ArgumentParser(prog="rerank-lightning export",
+                                     description="Export a rerank-lightning checkpoint (SPEC 9)")
+    parser.add_argument("checkpoint", help="a .ckpt file written by train.py, or a sharded checkpoint directory")
     parser.add_argument("out_dir")
     parser.add_argument("--adapter-only", action="store_true", help="LoRA: save the adapter, not merged weights")
     args = parser.parse_args(argv)
-    print(f"exported model: {export_checkpoint(args.checkpoint, args.out_dir, merge=not args.adapter_only)}")
+    out = Path(args.out_dir)
+    try:
+        if out.exists() and not out.is_dir():
+            raise CheckpointError(f"out_dir {out} exists and is not a directory")
+        print(f"exported model: {export_checkpoint(args.checkpoint, out, merge=not args.adapter_only)}")
+    except (CheckpointError, WeightsUnavailableError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
