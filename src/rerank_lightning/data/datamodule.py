@@ -78,6 +78,7 @@ class RerankDataModule(L.LightningDataModule):
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.train_set: instruction.TrainDatasetForReranker | matryoshka.TrainDatasetForReranker | None = None
         self.val_set: CandidatePairs | None = None
+        self.train_sampler: GroupSampler | None = None
         self._resume: dict[str, int] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -96,12 +97,8 @@ class RerankDataModule(L.LightningDataModule):
         return bool(self.val_data or self.val_beir)
 
     def train_dataloader(self) -> DataLoader:
-        sampler = GroupSampler(len(self.train_set), seed=self.args.seed)
-        if self._resume:
-            # Mid-epoch resume: skip what this rank already consumed so batches match an uninterrupted run.
-            sampler.set_epoch(self._resume["epoch"])
-            sampler.skip = min(self._resume["batches"] * self.batch_size, sampler.per_rank)
-            self._resume = {}
+        sampler = self.train_sampler = GroupSampler(len(self.train_set), seed=self.args.seed)
+        self._apply_resume()
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
                           collate_fn=self.collator, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
@@ -122,3 +119,13 @@ class RerankDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume = dict(state) if state else {}
+        # trainer=fsdp restores after configure_optimizers has built the training loader: reach its sampler
+        self._apply_resume()
+
+    def _apply_resume(self) -> None:
+        """Mid-epoch resume: skip what this rank already consumed so batches match an uninterrupted run."""
+        sampler = self.train_sampler
+        if self._resume and sampler is not None:
+            sampler.set_epoch(self._resume["epoch"])
+            sampler.skip = min(self._resume["batches"] * self.batch_size, sampler.per_rank)
+            self._resume = {}

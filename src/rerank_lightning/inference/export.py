@@ -100,21 +100,22 @@ def load_module_checkpoint(checkpoint: str | Path) -> Any:
         hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
         return module_class(hparams).load_from_checkpoint(path, map_location="cpu")
     import torch.distributed.checkpoint as dcp
-    from lightning.fabric.strategies.fsdp import _METADATA_FILENAME
 
-    if not (path / _METADATA_FILENAME).is_file():
-        raise FileNotFoundError(f"{path} is a directory but not a sharded checkpoint (no {_METADATA_FILENAME})")
-    meta = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=False)
+    from ..strategies import CHECKPOINT_METADATA, WEIGHTS_KEY, sharded_weight_names
+
+    if not (path / CHECKPOINT_METADATA).is_file():
+        raise FileNotFoundError(f"{path} is a directory but not a sharded checkpoint (no {CHECKPOINT_METADATA})")
+    meta = torch.load(path / CHECKPOINT_METADATA, map_location="cpu", weights_only=False)
     module = module_class(meta["hyper_parameters"])(**meta["hyper_parameters"])
     module.configure_model()
     reader = dcp.FileSystemReader(path)
-    saved = {k.split(".", 1)[1] for k in reader.read_metadata().state_dict_metadata if k.startswith("model.")}
+    saved = sharded_weight_names(path)
     state = {k: v for k, v in module.state_dict().items() if k in saved}
     if unknown := saved - set(state):
         raise KeyError(f"{path} holds weights the model does not have: {sorted(unknown)[:5]}")
     if module.strict_loading and (absent := set(module.state_dict()) - saved):
         raise KeyError(f"{path} lacks weights of the model: {sorted(absent)[:5]}")
-    dcp.load({"model": state}, storage_reader=reader, no_dist=True)  # in place, into the module's tensors
+    dcp.load({WEIGHTS_KEY: state}, storage_reader=reader, no_dist=True)  # in place, into the module's tensors
     module.load_state_dict(state, strict=module.strict_loading)
     module.eval()
     return module
