@@ -196,7 +196,7 @@ def wrapping(model: torch.nn.Module) -> tuple[list[str], list[str]]:
 
 class Recorder(L.Callback):
     """On global rank 0, writes `out` (JSON): per global step the loss averaged over ranks (= the loss of
-    the global batch) and a fingerprint of each rank's batch; the scores of PAIRS at the start and at
+    the global batch), the gradient norm before clipping and a fingerprint of each rank's batch; the scores of PAIRS at the start and at
     the end of fit; the validation metrics of every validation (train.py: before and after fit); how
     FSDP wrapped the model."""
 
@@ -214,6 +214,12 @@ class Recorder(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._step = str(trainer.global_step)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        """The gradient norm before Lightning clips it (over all shards: a DTensor under FSDP)."""
+        norm = torch.nn.utils.get_total_norm([p.grad for p in pl_module.parameters() if p.grad is not None])
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        self.record.setdefault("grad_norms", {})[self._step] = float(norm)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = trainer.strategy.reduce(outputs["loss"].detach().float(), reduce_op="mean")

