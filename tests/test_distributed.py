@@ -95,7 +95,7 @@ def test_two_processes_train_like_one(case, launched, references):
     close(list(run["grad_norms"].values()), list(ref["grad_norms"].values()), atol=1e-4)
     assert max(ref["grad_norms"].values()) > 1.0
     close(run["scores"], ref["scores"], atol=1e-4)
-    # validation (all-gathered over ranks) before and after fit, the second on the re-used FSDP wrapper
+    # validation (all-gathered over ranks) before and after fit, the second on the same FSDP shards
     assert [v["step"] for v in run["validations"]] == [0, cases.MAX_STEPS] == [v["step"] for v in ref["validations"]]
     for mine, theirs in zip(run["validations"], ref["validations"]):
         assert set(mine) == set(theirs) >= {"val/MRR@10", "val/nDCG@10", "val/MAP"}
@@ -239,7 +239,7 @@ def test_ddp_checkpoint_is_one_file(case, launched):
 
 def test_matryoshka_compression_under_transformers_gradient_checkpointing(tiny_model_cfg):
     """A compressed pass reads the attention row of the layer before the compress layer; under activation
-    checkpointing (transformers' here, the FSDP strategy's per-layer wrapper likewise) that layer is
+    checkpointing (transformers', which the FSDP strategy switches on too) that layer is
     recomputed in backward without it, which must save the same tensors: same loss and gradients as without."""
     from rerank_lightning.model.matryoshka_module import MatryoshkaModule
 
@@ -299,7 +299,7 @@ def test_decoder_layer_class_comes_from_the_model(model_type):
 
 
 def test_lora_on_bf16_base_gets_one_dtype():
-    """peft keeps the adapter in fp32 on a bf16 base; FSDP1 needs one dtype per flat parameter."""
+    """peft keeps the adapter in fp32 on a bf16 base; an FSDP unit gathers its parameters in one dtype."""
     from rerank_lightning.model.backbone import apply_lora
     from rerank_lightning.strategies import unify_dtypes
 

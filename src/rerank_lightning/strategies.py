@@ -182,7 +182,9 @@ class RerankFSDPStrategy(ModelParallelStrategy):
         path = Path(self.broadcast(checkpoint_path))
         module = self.lightning_module
         if module is None or module.strict_loading or not (path / CHECKPOINT_METADATA).is_file():
-            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+            # Lightning < 2.6 takes no weights_only (and passes none)
+            kwargs = {} if weights_only is None else {"weights_only": weights_only}
+            return super().load_checkpoint(checkpoint_path, **kwargs)
 
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
