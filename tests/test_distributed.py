@@ -91,9 +91,11 @@ def test_two_processes_train_like_one(case, launched, references):
     assert run["strategy"] == {"ddp": "DDPStrategy", "fsdp": "RerankFSDPStrategy"}[cases.CASES[case][0]]
     assert list(run["losses"]) == [str(s) for s in range(cases.MAX_STEPS)] == list(ref["losses"])
     close(list(run["losses"].values()), list(ref["losses"].values()), atol=1e-5)
-    # the norm over all shards; above trainer.gradient_clip_val (1.0) at some step, so clipping shaped the losses
+    # the gradient norm over all shards; in full fine-tuning above trainer.gradient_clip_val (1.0) at some
+    # step, so the losses after it say that clipping scaled every shard by the global norm
     close(list(run["grad_norms"].values()), list(ref["grad_norms"].values()), atol=1e-4)
-    assert max(ref["grad_norms"].values()) > 1.0
+    if cases.CASES[case][1].endswith("full"):
+        assert max(ref["grad_norms"].values()) > 1.0
     close(run["scores"], ref["scores"], atol=1e-4)
     # validation (all-gathered over ranks) before and after fit, the second on the same FSDP shards
     assert [v["step"] for v in run["validations"]] == [0, cases.MAX_STEPS] == [v["step"] for v in ref["validations"]]

@@ -13,7 +13,8 @@ module up, the same way for every backbone and for both modules (`RerankerModule
   layers itself, is checkpointed too;
 - every rank is a data-parallel replica for the samplers (Lightning's default mesh, nodes x devices,
   is laid out for tensor parallelism); `hybrid_shard` shards within a node and replicates across nodes;
-- sharded LoRA checkpoints (the adapter only) load back into the frozen base already built.
+- sharded checkpoints load back: LoRA's (the adapter only) into the frozen base already built, and
+  optimizer state that a never-updated trainable weight lacks is not asked for.
 
 Gradient clipping is Lightning's own (`trainer.gradient_clip_val`): torch's `clip_grad_norm_` takes
 the norm over all shards of DTensor gradients. Runs on CPU with gloo too (the tests).
@@ -177,16 +178,17 @@ class RerankFSDPStrategy(ModelParallelStrategy):
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        """A sharded checkpoint of a module with `strict_loading = False` (LoRA: the trainable weights
-        only) loads the weights it holds and the optimizer; everything else goes to Lightning."""
+        """A sharded checkpoint loads the weights it holds (with `strict_loading = False`, LoRA's trainable
+        weights only; otherwise all of them) and the optimizer state it holds: a trainable weight that never
+        had a gradient (the LM head of a Matryoshka run, scored by its exit heads) has none, and keeps the
+        empty state torch gives it. A one-file checkpoint goes to Lightning."""
         path = Path(self.broadcast(checkpoint_path))
-        module = self.lightning_module
-        if module is None or module.strict_loading or not (path / CHECKPOINT_METADATA).is_file():
-            # Lightning < 2.6 takes no weights_only (and passes none)
-            kwargs = {} if weights_only is None else {"weights_only": weights_only}
+        if not (path / CHECKPOINT_METADATA).is_file():
+            kwargs = {} if weights_only is None else {"weights_only": weights_only}  # Lightning < 2.6 takes none
             return super().load_checkpoint(checkpoint_path, **kwargs)
 
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import DefaultLoadPlanner
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -196,14 +198,17 @@ class RerankFSDPStrategy(ModelParallelStrategy):
         )
 
         saved = sharded_weight_names(path)
-        weights = {k: v for k, v in get_model_state_dict(self.model).items() if k in saved}
+        weights = get_model_state_dict(self.model)
         if missing := saved - set(weights):
             raise KeyError(f"{path}: the checkpoint holds weights this model does not have: {sorted(missing)[:5]}")
+        if self.lightning_module.strict_loading and (absent := set(weights) - saved):
+            raise KeyError(f"{path}: the checkpoint lacks weights of this model: {sorted(absent)[:5]}")
+        weights = {k: v for k, v in weights.items() if k in saved}
         dcp.load({WEIGHTS_KEY: weights}, checkpoint_id=path)
         set_model_state_dict(self.model, weights, options=StateDictOptions(strict=False))
         for idx, optimizer in enumerate(self.optimizers):
             state = {f"optimizer_{idx}": get_optimizer_state_dict(self.model, optimizer)}
-            dcp.load(state, checkpoint_id=path)
+            dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
             set_optimizer_state_dict(self.model, optimizer, state[f"optimizer_{idx}"])
         return torch.load(path / CHECKPOINT_METADATA, weights_only=weights_only)
 
