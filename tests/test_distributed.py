@@ -91,8 +91,13 @@ def test_two_processes_train_like_one(case, launched, references):
     assert run["strategy"] == {"ddp": "DDPStrategy", "fsdp": "RerankFSDPStrategy"}[cases.CASES[case][0]]
     assert list(run["losses"]) == [str(s) for s in range(cases.MAX_STEPS)] == list(ref["losses"])
     close(list(run["losses"].values()), list(ref["losses"].values()), atol=1e-5)
+    # the gradient norm over all shards; in full fine-tuning above trainer.gradient_clip_val (1.0) at some
+    # step, so the losses after it say that clipping scaled every shard by the global norm
+    close(list(run["grad_norms"].values()), list(ref["grad_norms"].values()), atol=1e-4)
+    if cases.CASES[case][1].endswith("full"):
+        assert max(ref["grad_norms"].values()) > 1.0
     close(run["scores"], ref["scores"], atol=1e-4)
-    # validation (all-gathered over ranks) before and after fit, the second on the re-used FSDP wrapper
+    # validation (all-gathered over ranks) before and after fit, the second on the same FSDP shards
     assert [v["step"] for v in run["validations"]] == [0, cases.MAX_STEPS] == [v["step"] for v in ref["validations"]]
     for mine, theirs in zip(run["validations"], ref["validations"]):
         assert set(mine) == set(theirs) >= {"val/MRR@10", "val/nDCG@10", "val/MAP"}
@@ -143,17 +148,17 @@ def test_resumed_run_continues_exactly(case, launched):
     assert resumed["start_scores"] != run["start_scores"]
 
 
-def test_fsdp_wraps_and_checkpoints_each_decoder_layer(launched):
-    """One FSDP unit per decoder layer (found from the model) plus the root; the strategy's activation
-    checkpointing on those layers, unless transformers' own gradient checkpointing is on (LoRA cases)."""
+def test_fsdp_shards_and_checkpoints_each_decoder_layer(launched):
+    """One FSDP2 unit per decoder layer (found from the model) plus the module as root, and those layers
+    recompute their activations in backward, with or without model.gradient_checkpointing=true."""
     _, records = launched
     layers = ["LlamaDecoderLayer"] * TINY_MODEL["random_init"]["num_hidden_layers"]
-    assert records["fsdp_full"]["run"]["fsdp_units"] == ["RerankerModule", *layers]
-    assert records["fsdp_full"]["run"]["checkpointed"] == layers
-    assert records["fsdp_lora"]["run"]["fsdp_units"] == ["RerankerModule", *layers]
-    assert records["fsdp_lora"]["run"]["checkpointed"] == []  # model.gradient_checkpointing=true does it
-    assert records["fsdp_matryoshka_full"]["run"]["fsdp_units"] == ["MatryoshkaModule", *layers]  # heads in the root
-    assert records["fsdp_matryoshka_full"]["run"]["checkpointed"] == layers
+    units = ["FSDP" + name for name in layers]
+    assert records["fsdp_full"]["run"]["fsdp_units"] == ["FSDPRerankerModule", *units]
+    assert records["fsdp_lora"]["run"]["fsdp_units"] == ["FSDPRerankerModule", *units]
+    assert records["fsdp_matryoshka_full"]["run"]["fsdp_units"] == ["FSDPMatryoshkaModule", *units]  # heads in the root
+    for case in FSDP_CASES:
+        assert records[case]["run"]["checkpointed"] == layers
     for case in DDP_CASES:
         assert records[case]["run"]["fsdp_units"] == []
 
@@ -197,10 +202,9 @@ def test_matryoshka_export_scores_like_the_trained_module_at_each_exit(case, lau
 def test_fsdp_checkpoint_is_sharded_and_exports_on_its_own(case, launched, tmp_path):
     """An FSDP checkpoint is a directory with one shard file per rank (LoRA: the adapter only), and
     `python -m rerank_lightning.inference.export` turns it into a model that scores like the trained one."""
-    import torch.distributed.checkpoint as dcp
-
     from rerank_lightning.inference import Reranker
     from rerank_lightning.inference.export import main as export_main
+    from rerank_lightning.strategies import CHECKPOINT_METADATA, sharded_weight_names
 
     out, records = launched
     ckpt = out / case / "run" / "checkpoints" / f"step{cases.MAX_STEPS}.ckpt"
@@ -208,9 +212,8 @@ def test_fsdp_checkpoint_is_sharded_and_exports_on_its_own(case, launched, tmp_p
     last = out / case / "run" / "checkpoints" / "last.ckpt"  # save_last: link, as README's commands use it
     assert last.resolve() == ckpt.resolve()
     assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-    assert (ckpt / "meta.pt").is_file()
-    keys = {k.split(".", 1)[1] for k in dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata
-            if k.startswith("model.")}
+    assert (ckpt / CHECKPOINT_METADATA).is_file()
+    keys = sharded_weight_names(ckpt)
     if cases.CASES[case][1] == "lora":
         assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys), sorted(keys)[:5]
     else:
@@ -238,7 +241,7 @@ def test_ddp_checkpoint_is_one_file(case, launched):
 
 def test_matryoshka_compression_under_transformers_gradient_checkpointing(tiny_model_cfg):
     """A compressed pass reads the attention row of the layer before the compress layer; under activation
-    checkpointing (transformers' here, the FSDP strategy's per-layer wrapper likewise) that layer is
+    checkpointing (transformers', which the FSDP strategy switches on too) that layer is
     recomputed in backward without it, which must save the same tensors: same loss and gradients as without."""
     from rerank_lightning.model.matryoshka_module import MatryoshkaModule
 
@@ -298,7 +301,7 @@ def test_decoder_layer_class_comes_from_the_model(model_type):
 
 
 def test_lora_on_bf16_base_gets_one_dtype():
-    """peft keeps the adapter in fp32 on a bf16 base; FSDP1 needs one dtype per flat parameter."""
+    """peft keeps the adapter in fp32 on a bf16 base; an FSDP unit gathers its parameters in one dtype."""
     from rerank_lightning.model.backbone import apply_lora
     from rerank_lightning.strategies import unify_dtypes
 
@@ -353,25 +356,24 @@ def test_ddp_config_builds_a_static_graph_ddp_strategy(compose, tmp_path):
     assert trainer.num_devices == 2 and trainer.world_size == 2
 
 
-@pytest.mark.parametrize("sharding", [None, "SHARD_GRAD_OP", "HYBRID_SHARD"])
-def test_fsdp_config_builds_through_train_build(compose, tmp_path, sharding):
-    """trainer=fsdp instantiates in train.py's build(cfg), on CPU too (Lightning's "fsdp" refuses CPU)."""
-    from torch.distributed.fsdp import ShardingStrategy
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_fsdp_config_builds_through_train_build(compose, tmp_path, hybrid):
+    """trainer=fsdp instantiates in train.py's build(cfg), on CPU too (Lightning's "fsdp" refuses CPU):
+    Lightning's public ModelParallelStrategy, every rank a data-parallel replica, Lightning's clipping."""
+    from lightning.pytorch.plugins.precision import Precision
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
     from rerank_lightning.strategies import RerankFSDPStrategy
     from rerank_lightning.train import build
 
-    extra = [f"trainer.strategy.sharding_strategy={sharding}"] if sharding else []
     job = compose(["model=tiny", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "~logger",
-                   "trainer.precision=32-true", *extra], tmp_path)
+                   "trainer.precision=32-true", f"trainer.strategy.hybrid_shard={hybrid}"], tmp_path)
     _, _, trainer = build(job)
     strategy = trainer.strategy
-    assert isinstance(strategy, RerankFSDPStrategy)
-    assert strategy.sharding_strategy == ShardingStrategy[sharding or "FULL_SHARD"]
-    assert strategy._state_dict_type == "sharded"
-    assert strategy.kwargs["use_orig_params"] is True  # only some parameters train with LoRA
-    assert strategy.wrap_layers and strategy.activation_checkpointing_layers
-    assert type(trainer.precision_plugin).__name__ == "_NormClippingFSDPPrecision"
+    assert isinstance(strategy, RerankFSDPStrategy) and isinstance(strategy, ModelParallelStrategy)
+    assert strategy.hybrid_shard is hybrid and strategy.activation_checkpointing
+    assert trainer.num_devices == 2 and trainer.world_size == 2
+    assert type(trainer.precision_plugin) is Precision
     assert trainer.gradient_clip_val == 1.0
 
 

@@ -243,11 +243,11 @@ def _compressed_reference(lm_eager, ids, mask, q, p, ratio, method):
         weights = out.attentions[1][rows(ids), :, last].sum(1) if method == "attention" else None
         h, m = token_compress(hidden, mask, q, p, ratio, weights)
         pos = torch.arange(h.shape[1])[None].expand(h.shape[0], -1)
-        kw = dict(config=decoder.config, inputs_embeds=h, attention_mask=m, past_key_values=None, position_ids=pos)
+        args = (decoder.config, h, m, None)  # no cache, by position (its keyword's name changes across releases)
         types = getattr(decoder.config, "layer_types", None) or ["full_attention"] * 3
-        masks = {"full_attention": create_causal_mask(**kw)}
+        masks = {"full_attention": create_causal_mask(*args, position_ids=pos)}
         if "sliding_attention" in types:
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**kw)
+            masks["sliding_attention"] = create_sliding_window_causal_mask(*args, position_ids=pos)
         rope = decoder.rotary_emb(h, pos)
         for i in (2,):
             h = decoder.layers[i](h, attention_mask=masks[types[i]], position_ids=pos, position_embeddings=rope)
@@ -352,8 +352,7 @@ def test_stacked_compression_with_mean_equals_two_token_compress_calls(llama):
         for layer in (1, 2):
             h, m = token_compress(h, m, q, p, 2)
             pos = torch.arange(h.shape[1])[None].expand(h.shape[0], -1)
-            causal = create_causal_mask(config=decoder.config, inputs_embeds=h, attention_mask=m,
-                                        past_key_values=None, position_ids=pos)
+            causal = create_causal_mask(decoder.config, h, m, None, position_ids=pos)
             h = decoder.layers[layer](h, attention_mask=causal, position_ids=pos,
                                       position_embeddings=decoder.rotary_emb(h, pos))
             h = h[0] if isinstance(h, tuple) else h

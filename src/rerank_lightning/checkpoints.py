@@ -26,10 +26,11 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from .strategies import CHECKPOINT_METADATA as SHARDED_METADATA
+
 log = logging.getLogger(__name__)
 
 # A sharded (FSDP) checkpoint is a directory: Lightning's metadata file plus torch.distributed.checkpoint's.
-SHARDED_METADATA = "meta.pt"
 SHARDED_INDEX = ".metadata"
 PARTIAL_SUFFIX = ".partial"  # `.<name>@<host>@<pid>.partial`: a checkpoint being written
 LIGHTNING_KEYS = ("state_dict", "global_step", "loops")

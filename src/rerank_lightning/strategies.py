@@ -1,22 +1,23 @@
-"""Multi-GPU / multi-node strategies (`trainer=ddp`, `trainer=fsdp`) and full-model gathering for export.
+"""Fully sharded training (`trainer=fsdp`) and full-model gathering for export.
 
-`RerankFSDPStrategy` is Lightning's `FSDPStrategy` (FSDP1, `use_orig_params=True`) with what a
-Hugging Face causal LM needs and Lightning leaves to the user:
+`RerankFSDPStrategy` is Lightning's `ModelParallelStrategy` with FSDP2 (torch's `fully_shard`: every
+parameter a DTensor sharded over the ranks, so a LoRA step keeps gradients of the adapter only).
+Lightning leaves the sharding itself to the user; this strategy does it before Lightning sets the
+module up, the same way for every backbone and for both modules (`RerankerModule`, `MatryoshkaModule`):
 
-- the auto-wrap policy and activation checkpointing use the model's own decoder-layer class,
-  found on the built model (the classes named by `_no_split_modules` of its transformers
-  `PreTrainedModel`: `LlamaDecoderLayer`, `MistralDecoderLayer`, `Qwen2DecoderLayer`, ...), so one
-  config serves every backbone;
-- a LoRA model whose adapter is fp32 on a bf16 base (peft's default) gets its trainable
-  parameters cast to the base dtype, because an FSDP1 flat parameter holds one dtype;
-- gradient clipping by norm works (Lightning's FSDP precision plugin refuses it): it calls the
-  root's `FullyShardedDataParallel.clip_grad_norm_`, which reduces the norm over all shards;
-- `trainer.validate` -> `trainer.fit` -> `trainer.validate` (what train.py does) reuses the root
-  FSDP wrapper instead of leaving the root's own parameters (embeddings, final norm, LM head)
-  as shards outside any FSDP unit;
-- sharded LoRA checkpoints (which keep only the adapter) load back: missing frozen keys are
-  allowed when the module sets `strict_loading = False`;
-- it also runs on CPU with gloo (for the tests), which Lightning's `strategy="fsdp"` refuses.
+- one `fully_shard` unit per decoder layer, the model's own class (`decoder_layer_classes`: the
+  classes named by `_no_split_modules` of its transformers model), then the LightningModule as the
+  root unit (embeddings, final norm, LM head, Matryoshka heads; its `forward` gathers them);
+- activation checkpointing of those layers by transformers' own `gradient_checkpointing_enable`
+  (torch's non-reentrant `torch.utils.checkpoint`), so the Matryoshka exit pass, which calls the
+  layers itself, is checkpointed too;
+- every rank is a data-parallel replica for the samplers (Lightning's default mesh, nodes x devices,
+  is laid out for tensor parallelism); `hybrid_shard` shards within a node and replicates across nodes;
+- sharded checkpoints load back: LoRA's (the adapter only) into the frozen base already built, and
+  optimizer state that a never-updated trainable weight lacks is not asked for.
+
+Gradient clipping is Lightning's own (`trainer.gradient_clip_val`): torch's `clip_grad_norm_` takes
+the norm over all shards of DTensor gradients. Runs on CPU with gloo too (the tests).
 """
 
 from __future__ import annotations
@@ -27,14 +28,18 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from lightning.pytorch.plugins.precision import FSDPPrecision
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RerankFSDPStrategy", "decoder_layer_classes", "decoder_layer_policy", "full_state_dict", "is_sharded",
-           "unify_dtypes"]
+__all__ = ["CHECKPOINT_METADATA", "RerankFSDPStrategy", "decoder_layer_classes", "full_state_dict", "is_sharded",
+           "shard_model", "sharded_weight_names", "unify_dtypes"]
+
+# A sharded checkpoint is a directory: the tensors in torch.distributed.checkpoint files under these two
+# top-level keys (Lightning's layout), everything else (hyperparameters, loops, callbacks) in one file.
+CHECKPOINT_METADATA = "meta.pt"
+WEIGHTS_KEY = "state_dict"
 
 
 # ---------------------------------------------------------------- the model's own layer classes
@@ -45,19 +50,15 @@ def decoder_layer_classes(model: nn.Module, names: Iterable[str] | None = None) 
     `_no_split_modules` (or the class names given in `names`), as found among `model.modules()`.
 
     Works through a peft wrapper or a LightningModule holding the LM. Raises if none is found, since
-    FSDP without a per-layer policy would gather the whole model at once.
+    sharding without per-layer units would gather the whole model at once.
     """
     wanted = set(names or ())
     if not wanted:
         for module in model.modules():
-            no_split = getattr(type(module), "_no_split_modules", None) or getattr(module, "_no_split_modules", None)
+            no_split = getattr(module, "_no_split_modules", None)
             if no_split and hasattr(module, "config"):  # a transformers PreTrainedModel
                 wanted.update(no_split)
-    found: dict[str, type[nn.Module]] = {}
-    for module in model.modules():
-        cls = type(module)
-        if cls.__name__ in wanted:
-            found[cls.__name__] = cls
+    found = {type(m).__name__: type(m) for m in model.modules() if type(m).__name__ in wanted}
     if not found:
         raise ValueError(
             f"no decoder-layer class found in {type(model).__name__}: looked for {sorted(wanted) or 'the classes in '}"
@@ -70,8 +71,8 @@ def decoder_layer_classes(model: nn.Module, names: Iterable[str] | None = None) 
 def unify_dtypes(model: nn.Module) -> torch.dtype | None:
     """Cast trainable floating parameters to the dtype of the frozen ones when the two differ.
 
-    peft keeps LoRA weights in fp32 on a bf16 base; FSDP1 flattens each wrapped unit into one
-    tensor, which must have one dtype. Returns the dtype cast to, or None when nothing changed.
+    peft keeps LoRA weights in fp32 on a bf16 base; an FSDP unit gathers its parameters in one
+    dtype. Returns the dtype cast to, or None when nothing changed.
     """
     frozen = {p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad}
     trainable = [p for p in model.parameters() if p.is_floating_point() and p.requires_grad]
@@ -85,224 +86,157 @@ def unify_dtypes(model: nn.Module) -> torch.dtype | None:
     return dtype
 
 
-def _hf_gradient_checkpointing(model: nn.Module) -> bool:
-    """Whether a transformers model inside `model` has its own gradient checkpointing switched on."""
-    for m in model.modules():
-        if hasattr(m, "config") and hasattr(m, "_no_split_modules"):
-            flag = m.is_activation_checkpointing if hasattr(m, "is_activation_checkpointing") else \
-                getattr(m, "is_gradient_checkpointing", False)
-            if flag:
-                return True
+def enable_gradient_checkpointing(model: nn.Module) -> bool:
+    """Switch on transformers' gradient checkpointing of the decoder layers of the (outermost) transformers
+    model inside `model`; False if there is none that supports it."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            return True
     return False
 
 
-# ---------------------------------------------------------------- FSDP
+def shard_model(model: nn.Module, mesh: Any, layer_classes: Iterable[str] | None = None,
+                checkpointing: bool = True, cast_trainable_to_base_dtype: bool = True,
+                reshard_after_forward: bool = True) -> bool:
+    """FSDP2 over `mesh`: one unit per decoder layer, then `model` itself as the root unit; with
+    `checkpointing`, the decoder layers recompute their activations in backward. In place; False if
+    `model` was sharded already (validate, then fit, then validate: the same shards)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(model, FSDPModule):
+        return False
+    classes = decoder_layer_classes(model, layer_classes)
+    if cast_trainable_to_base_dtype:
+        unify_dtypes(model)
+    if checkpointing and not enable_gradient_checkpointing(model):
+        log.warning("FSDP: no transformers model with gradient checkpointing in %s; not checkpointing",
+                    type(model).__name__)
+    layers = [m for m in model.modules() if isinstance(m, classes)]
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    log.info("FSDP: %d %s units and the root over %s", len(layers), [c.__name__ for c in classes], mesh)
+    return True
 
 
-def decoder_layer_policy(names: Iterable[str] | None = None) -> Any:
-    """An FSDP1 auto-wrap policy with one unit per decoder layer, the classes resolved from the
-    model being wrapped (see `decoder_layer_classes`) when FSDP applies it."""
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-    class DecoderLayerWrapPolicy(ModuleWrapPolicy):
-        def __init__(self) -> None:
-            super().__init__(())
-            self.names = list(names) if names else None
-
-        def _run_policy(self, root_module: nn.Module, ignored_modules: set, root_kwargs: dict) -> dict:
-            self._module_classes = set(decoder_layer_classes(root_module, self.names))
-            self._module_classes_str = str(self._module_classes)
-            return super()._run_policy(root_module, ignored_modules, root_kwargs)
-
-    return DecoderLayerWrapPolicy()
+# ---------------------------------------------------------------- the strategy
 
 
-class _NormClippingFSDPPrecision(FSDPPrecision):
-    """FSDPPrecision that clips by norm through the root FSDP module (set by the strategy)."""
+class RerankFSDPStrategy(ModelParallelStrategy):
+    """Lightning's ModelParallelStrategy sharding a Hugging Face causal LM with FSDP2 (module docstring).
 
-    root: nn.Module | None = None
-
-    def clip_grad_by_norm(self, optimizer: Any, clip_val: int | float, norm_type: float = 2.0) -> None:
-        if self.root is None:  # not set up by RerankFSDPStrategy: Lightning's error
-            return super().clip_grad_by_norm(optimizer, clip_val)
-        self.root.clip_grad_norm_(clip_val, norm_type=norm_type)  # the norm over all shards
-
-
-class RerankFSDPStrategy(FSDPStrategy):
-    """FSDPStrategy for Hugging Face causal LMs (see the module docstring).
-
-    sharding_strategy: FULL_SHARD (default, ZeRO-3), SHARD_GRAD_OP (ZeRO-2), HYBRID_SHARD (full shard
-        within a node, replicas across nodes), _HYBRID_SHARD_ZERO2 or NO_SHARD.
-    wrap_layers: one FSDP unit per decoder layer (the layers of `_no_split_modules`, or `layer_classes`).
-    activation_checkpointing_layers: recompute each decoder layer in backward. Skipped when the model
-        already uses transformers' gradient checkpointing (`model.gradient_checkpointing=true`).
+    hybrid_shard: shard within a node, replicate across nodes (HSDP) instead of sharding over all ranks.
+    activation_checkpointing: recompute each decoder layer in backward.
     layer_classes: class names to use instead of the model's `_no_split_modules`.
     cast_trainable_to_base_dtype: see `unify_dtypes` (LoRA on a bf16 base).
-    state_dict_type: "sharded" (default: each rank writes its shards into a checkpoint directory) or
-        "full" (rank 0 writes one file; needs the whole model in rank 0's CPU memory).
-    Other arguments go to Lightning's FSDPStrategy and on to FullyShardedDataParallel
-    (e.g. cpu_offload, limit_all_gathers, forward_prefetch).
+    reshard_after_forward: free the gathered layer after its forward (ZeRO-3); false keeps it until
+        backward (ZeRO-2: more memory, one all-gather less per layer).
+    save_distributed_checkpoint: true: each rank writes its shards into a checkpoint directory; false:
+        rank 0 writes one file (needs the whole model in rank 0's CPU memory).
     """
 
-    strategy_name = "rerank_fsdp"
-
-    def __init__(
-        self,
-        sharding_strategy: str = "FULL_SHARD",
-        wrap_layers: bool = True,
-        activation_checkpointing_layers: bool = True,
-        layer_classes: list[str] | None = None,
-        cast_trainable_to_base_dtype: bool = True,
-        state_dict_type: str = "sharded",
-        process_group_backend: str | None = None,
-        timeout_minutes: float | None = None,
-        **kwargs: Any,
-    ) -> None:
-        if timeout_minutes is not None:
-            kwargs["timeout"] = timedelta(minutes=timeout_minutes)
-        if wrap_layers and kwargs.get("auto_wrap_policy") is None:
-            kwargs["auto_wrap_policy"] = decoder_layer_policy(layer_classes)
-        super().__init__(sharding_strategy=sharding_strategy, state_dict_type=state_dict_type,
+    def __init__(self, hybrid_shard: bool = False, activation_checkpointing: bool = True,
+                 layer_classes: list[str] | None = None, cast_trainable_to_base_dtype: bool = True,
+                 reshard_after_forward: bool = True, save_distributed_checkpoint: bool = True,
+                 process_group_backend: str | None = None, timeout_minutes: float | None = None) -> None:
+        kwargs = {"timeout": timedelta(minutes=timeout_minutes)} if timeout_minutes is not None else {}
+        super().__init__(save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, **kwargs)
-        self.wrap_layers = wrap_layers
-        self.activation_checkpointing_layers = activation_checkpointing_layers
+        self.hybrid_shard = hybrid_shard
+        self.activation_checkpointing = activation_checkpointing
         self.layer_classes = list(layer_classes) if layer_classes else None
         self.cast_trainable_to_base_dtype = cast_trainable_to_base_dtype
-        self._root: nn.Module | None = None  # the FSDP wrapper of the LightningModule, reused across runs
+        self.reshard_after_forward = reshard_after_forward
 
-    # Lightning builds an FSDPPrecision for any FSDPStrategy; swap in the one that can clip by norm.
     @property
-    def precision_plugin(self) -> FSDPPrecision:
-        plugin = self._precision_plugin
-        if plugin is None:
-            plugin = FSDPPrecision("32-true")
-        if not isinstance(plugin, _NormClippingFSDPPrecision):
-            plugin = _NormClippingFSDPPrecision(plugin.precision, scaler=plugin.scaler)
-            self._precision_plugin = plugin
-        return plugin
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.world_size, "rank": self.global_rank}
 
-    @precision_plugin.setter
-    def precision_plugin(self, plugin: Any) -> None:
-        FSDPStrategy.precision_plugin.fset(self, plugin)
+    def shard_mesh(self) -> Any:
+        """All ranks in one dimension, or with `hybrid_shard` Lightning's (nodes, devices) mesh, which
+        fully_shard reads as (replicate, shard)."""
+        if self.hybrid_shard:
+            return self.device_mesh
+        from torch.distributed.device_mesh import init_device_mesh
 
-    def _setup_model(self, model: nn.Module) -> nn.Module:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        return init_device_mesh(self.root_device.type, (self.world_size,))
 
-        if self._root is not None and getattr(self._root, "module", None) is model:
-            return self._root  # fit after validate, validate after fit: same shards, same root
-        if any(isinstance(m, FSDP) for m in model.modules()):
-            raise RuntimeError("the model is already wrapped in FSDP by another strategy instance")
-        classes = ()
-        if self.wrap_layers or self.activation_checkpointing_layers:  # fails early if the model has none
-            classes = decoder_layer_classes(model, self.layer_classes)
-        log.info("FSDP: %s, decoder layers %s", self.sharding_strategy.name, [c.__name__ for c in classes])
-        if self.cast_trainable_to_base_dtype:
-            unify_dtypes(model)
-        kwargs = dict(self.kwargs)  # holds the decoder-layer policy unless wrap_layers=false
-        cpu = self.root_device.type == "cpu"
-        wrapped = FSDP(
-            module=model,
-            cpu_offload=self.cpu_offload,
-            mixed_precision=self.mixed_precision_config,
-            sharding_strategy=self.sharding_strategy,
-            # FSDP1 reads device_id=None as "the current CUDA device": name the CPU (tests, gloo) explicitly
-            device_id=self.root_device if cpu else self.root_device.index,
-            **kwargs,
-        )
-        if self.activation_checkpointing_layers:
-            if _hf_gradient_checkpointing(model):
-                log.info("FSDP: transformers gradient checkpointing is on; not wrapping layers a second time")
-            else:
-                from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
-
-                _setup_activation_checkpointing(wrapped, {"check_fn": lambda m: isinstance(m, classes)})
-        self.precision_plugin.root = wrapped
-        self._root = wrapped
-        return wrapped
+    def setup(self, trainer: Any) -> None:
+        module = self.lightning_module
+        if not is_sharded(module):
+            module = self.precision_plugin.convert_module(module)  # bf16-true: cast before sharding
+            shard_model(module, self.shard_mesh(), self.layer_classes, self.activation_checkpointing,
+                        self.cast_trainable_to_base_dtype, self.reshard_after_forward)
+        super().setup(trainer)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        if not checkpoint.get("state_dict"):  # e.g. a LoRA filter that matched no (wrapped) parameter name
+        if not checkpoint.get("state_dict"):  # e.g. a LoRA filter that matched no parameter name
             raise RuntimeError(f"refusing to write {filepath}: the checkpoint holds no model weights")
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
-    def _reload_train_dataloader(self) -> None:
-        """FSDP restores a checkpoint after `setup`, where `configure_optimizers` (through
-        `trainer.estimated_stepping_batches`) has already built the training dataloader; the datamodule's
-        restored state (the mid-epoch position, see `RerankDataModule.state_dict`) would never reach it.
-        Drop the built loader so that fit builds it again after the restore, as it does without FSDP."""
-        module = self.lightning_module
-        trainer = getattr(module, "_trainer", None) if module is not None else None
-        if trainer is not None and trainer.state.fn == "fit" and hasattr(trainer.fit_loop, "_combined_loader"):
-            trainer.fit_loop._combined_loader = None
-
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        """A sharded checkpoint of a module with `strict_loading = False` (LoRA: adapter only) loads the
-        keys it has; everything else goes to Lightning."""
-        from lightning.fabric.strategies.fsdp import _get_sharded_state_dict_context, _is_sharded_checkpoint
-
-        self._reload_train_dataloader()
+        """A sharded checkpoint loads the weights it holds (with `strict_loading = False`, LoRA's trainable
+        weights only; otherwise all of them) and the optimizer state it holds: a trainable weight that never
+        had a gradient (the LM head of a Matryoshka run, scored by its exit heads) has none, and keeps the
+        empty state torch gives it. A one-file checkpoint goes to Lightning."""
         path = Path(self.broadcast(checkpoint_path))
-        module = self.lightning_module
-        if not _is_sharded_checkpoint(path) or module is None or module.strict_loading:
-            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        if not (path / CHECKPOINT_METADATA).is_file():
+            kwargs = {} if weights_only is None else {"weights_only": weights_only}  # Lightning < 2.6 takes none
+            return super().load_checkpoint(checkpoint_path, **kwargs)
 
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.optimizer import load_sharded_optimizer_state_dict
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.checkpoint import DefaultLoadPlanner
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
-        reader = dcp.FileSystemReader(path)
-        saved = {key.split(".", 1)[1] for key in reader.read_metadata().state_dict_metadata if key.startswith("model.")}
-        with _get_sharded_state_dict_context(self.model):
-            state = {k: v for k, v in self.model.state_dict().items() if k in saved}
-            missing = saved - set(state)
-            if missing:
-                raise KeyError(f"{path}: the checkpoint holds weights this model does not have: {sorted(missing)[:5]}")
-            module_state = {"model": state}
-            dcp.load(module_state, storage_reader=reader)
-            self.model.load_state_dict(module_state["model"], strict=False)
-            if module.trainer.state.fn == "fit" and self.optimizers:
-                for idx, optim in enumerate(self.optimizers):
-                    key = f"optimizer_{idx}"
-                    optim_state = load_sharded_optimizer_state_dict(
-                        model_state_dict=module_state["model"], optimizer_key=key, storage_reader=reader)
-                    optim.load_state_dict(FSDP.optim_state_dict_to_load(
-                        model=self.model, optim=optim, optim_state_dict=optim_state[key]))
-        from lightning.fabric.strategies.fsdp import _METADATA_FILENAME
-
-        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+        saved = sharded_weight_names(path)
+        weights = get_model_state_dict(self.model)
+        if missing := saved - set(weights):
+            raise KeyError(f"{path}: the checkpoint holds weights this model does not have: {sorted(missing)[:5]}")
+        if self.lightning_module.strict_loading and (absent := set(weights) - saved):
+            raise KeyError(f"{path}: the checkpoint lacks weights of this model: {sorted(absent)[:5]}")
+        weights = {k: v for k, v in weights.items() if k in saved}
+        dcp.load({WEIGHTS_KEY: weights}, checkpoint_id=path)
+        set_model_state_dict(self.model, weights, options=StateDictOptions(strict=False))
+        for idx, optimizer in enumerate(self.optimizers):
+            state = {f"optimizer_{idx}": get_optimizer_state_dict(self.model, optimizer)}
+            dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+            set_optimizer_state_dict(self.model, optimizer, state[f"optimizer_{idx}"])
+        return torch.load(path / CHECKPOINT_METADATA, weights_only=weights_only)
 
 
-# ---------------------------------------------------------------- gathering for export
+# ---------------------------------------------------------------- checkpoints and export
+
+
+def sharded_weight_names(path: str | Path) -> set[str]:
+    """Names of the module weights in a sharded checkpoint directory (as in the module's state dict)."""
+    import torch.distributed.checkpoint as dcp
+
+    prefix = WEIGHTS_KEY + "."
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {k[len(prefix):] for k in keys if k.startswith(prefix)}
 
 
 def is_sharded(model: nn.Module | None) -> bool:
-    """Whether `model` (a strategy's wrapped model) holds parameter shards: FSDP1 or FSDP2/DTensor."""
-    if model is None:
-        return False
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    """Whether `model` holds parameter shards (FSDP2 DTensors)."""
+    from torch.distributed.tensor import DTensor
 
-    if any(isinstance(m, FSDP) for m in model.modules()):
-        return True
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return False
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return model is not None and any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded state dict of a sharded model, offloaded to CPU, on global rank 0 (empty elsewhere).
+    """The unsharded state dict of a sharded model, in CPU memory on global rank 0 (empty elsewhere).
 
-    A collective: every rank must call it. Keys are those of the unwrapped module (no FSDP or
-    activation-checkpointing prefixes).
+    A collective: every rank must call it. Keys are those of the module's own state dict.
     """
-    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    # On GPUs: gather layer by layer into rank 0's CPU memory. On CPU (the gloo tests) FSDP1's offload
-    # path clones freed memory and segfaults (torch 2.13), so every rank gathers and all but rank 0 drop it.
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not on_cpu))
-    if on_cpu and dist.is_initialized() and dist.get_rank() != 0:
-        return {}
-    return state
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -134,18 +134,12 @@ def run(case: str, out: Path, world_size: int, resume: bool = False) -> None:
 
 
 def _through_wrapper(trainer: L.Trainer, module: L.LightningModule, method: str, *args):
-    """`module.<method>(*args)` in eval mode without gradients, through the strategy's wrapper's forward
-    (FSDP unshards the root's own parameters there); all ranks call it."""
-    from lightning.pytorch.strategies.strategy import _ForwardRedirection
-
-    wrapper = trainer.strategy.model
+    """`module.<method>(*args)` in eval mode without gradients; all ranks call it (under FSDP the module
+    is the root unit, whose forward gathers the shards)."""
     was_training = module.training
     module.eval()
     with torch.no_grad():
-        if wrapper is module:
-            out = getattr(module, method)(*args)
-        else:
-            out = _ForwardRedirection()(wrapper, module, method, *args)
+        out = getattr(module, method)(*args)
     module.train(was_training)
     return out
 
@@ -190,21 +184,19 @@ def trained_scores(trainer: L.Trainer, module: L.LightningModule, pairs=PAIRS) -
 
 
 def wrapping(model: torch.nn.Module) -> tuple[list[str], list[str]]:
-    """Class names of the modules in FSDP units, and of those under activation-checkpoint wrappers."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    """Class names of the FSDP2 units (fully_shard renames a class C to FSDPC), and of the modules whose
+    activations are recomputed in backward (transformers' gradient checkpointing)."""
+    from torch.distributed.fsdp import FSDPModule
 
-    def name(m):
-        return type(getattr(m, "_checkpoint_wrapped_module", m)).__name__
-
-    units = [name(m.module) for m in model.modules() if isinstance(m, FSDP)]
-    checkpointed = [name(m) for m in model.modules() if isinstance(m, CheckpointWrapper)]
+    units = [type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)]
+    checkpointed = [type(m).__name__.removeprefix("FSDP") for m in model.modules()
+                    if getattr(m, "gradient_checkpointing", False) and type(m).__name__.endswith("DecoderLayer")]
     return units, checkpointed
 
 
 class Recorder(L.Callback):
     """On global rank 0, writes `out` (JSON): per global step the loss averaged over ranks (= the loss of
-    the global batch) and a fingerprint of each rank's batch; the scores of PAIRS at the start and at
+    the global batch), the gradient norm before clipping and a fingerprint of each rank's batch; the scores of PAIRS at the start and at
     the end of fit; the validation metrics of every validation (train.py: before and after fit); how
     FSDP wrapped the model."""
 
@@ -222,6 +214,12 @@ class Recorder(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._step = str(trainer.global_step)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        """The gradient norm before Lightning clips it (over all shards: a DTensor under FSDP)."""
+        norm = torch.nn.utils.get_total_norm([p.grad for p in pl_module.parameters() if p.grad is not None])
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        self.record.setdefault("grad_norms", {})[self._step] = float(norm)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = trainer.strategy.reduce(outputs["loss"].detach().float(), reduce_op="mean")

@@ -81,6 +81,7 @@ class RerankDataModule(L.LightningDataModule):
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.train_set: instruction.TrainDatasetForReranker | matryoshka.TrainDatasetForReranker | None = None
         self.val_set: CandidatePairs | None = None
+        self.train_sampler: GroupSampler | None = None
         self._resume: dict[str, int] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -105,14 +106,8 @@ class RerankDataModule(L.LightningDataModule):
         return bool(self.val_data or self.val_beir)
 
     def train_dataloader(self) -> DataLoader:
-        sampler = GroupSampler(len(self.train_set), seed=self.args.seed)
-        if self._resume:
-            # Mid-epoch resume: skip what this rank already consumed so batches match an uninterrupted run.
-            # Records consumed over all ranks, split over this run's ranks (a changed world size keeps the position).
-            samples = self._resume.get("samples", self._resume["batches"] * self.batch_size * sampler.num_replicas)
-            sampler.set_epoch(self._resume["epoch"])
-            sampler.skip = min(samples // sampler.num_replicas, sampler.per_rank)
-            self._resume = {}
+        sampler = self.train_sampler = GroupSampler(len(self.train_set), seed=self.args.seed)
+        self._apply_resume()
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
                           collate_fn=self.collator, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
@@ -143,14 +138,26 @@ class RerankDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._resume = dict(state) if state else {}
-        if not self._resume or self.train_set is None:
-            return
-        now = self.resume_facts()
-        changed = ["train_data (records or formatting) changed" if key == "train_data"
-                   else f"{key} {self._resume[key]!r} -> {now[key]!r}"
-                   for key in now if key in self._resume and self._resume[key] != now[key]]
-        if changed:
-            log.warning("resuming from a checkpoint of different training (%s): the resumed run will not see the "
-                        "batches an uninterrupted run would", "; ".join(changed))
-        # This datamodule resumes mid-epoch itself (see train_dataloader); Lightning's generic warning does not apply.
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+        if self._resume and self.train_set is not None:
+            now = self.resume_facts()
+            changed = ["train_data (records or formatting) changed" if key == "train_data"
+                       else f"{key} {self._resume[key]!r} -> {now[key]!r}"
+                       for key in now if key in self._resume and self._resume[key] != now[key]]
+            if changed:
+                log.warning("resuming from a checkpoint of different training (%s): the resumed run will not see "
+                            "the batches an uninterrupted run would", "; ".join(changed))
+            # This datamodule resumes mid-epoch itself (_apply_resume); Lightning's generic warning does not apply.
+            warnings.filterwarnings("ignore",
+                                    message="You're resuming from a checkpoint that ended before the epoch ended")
+        # trainer=fsdp restores after configure_optimizers has built the training loader: reach its sampler
+        self._apply_resume()
+
+    def _apply_resume(self) -> None:
+        """Mid-epoch resume: skip what this rank already consumed so batches match an uninterrupted run.
+        Records consumed over all ranks are split over this run's ranks (a changed world size keeps the position)."""
+        sampler = self.train_sampler
+        if self._resume and sampler is not None:
+            samples = self._resume.get("samples", self._resume["batches"] * self.batch_size * sampler.num_replicas)
+            sampler.set_epoch(self._resume["epoch"])
+            sampler.skip = min(samples // sampler.num_replicas, sampler.per_rank)
+            self._resume = {}

@@ -147,6 +147,7 @@ def load_module_checkpoint(checkpoint: str | Path) -> Any:
     (read in this one process, no process group needed). Nothing in the files is unpickled beyond tensors
     and plain containers; a file that is not a train.py checkpoint raises `CheckpointError`."""
     from ..checkpoints import CheckpointError, read_checkpoint
+    from ..strategies import WEIGHTS_KEY, sharded_weight_names
 
     path = Path(checkpoint)
     hparams = read_checkpoint(path, need=("state_dict", "hyper_parameters")).get("hyper_parameters") or {}
@@ -160,13 +161,13 @@ def load_module_checkpoint(checkpoint: str | Path) -> Any:
     module = module_class(hparams)(**hparams)
     module.configure_model()
     reader = dcp.FileSystemReader(path)
-    saved = {k.split(".", 1)[1] for k in reader.read_metadata().state_dict_metadata if k.startswith("model.")}
+    saved = sharded_weight_names(path)
     state = {k: v for k, v in module.state_dict().items() if k in saved}
     if unknown := saved - set(state):
         raise CheckpointError(f"{path} holds weights the model does not have: {sorted(unknown)[:5]}")
     if module.strict_loading and (absent := set(module.state_dict()) - saved):
         raise CheckpointError(f"{path} lacks weights of the model: {sorted(absent)[:5]}")
-    dcp.load({"model": state}, storage_reader=reader, no_dist=True)  # in place, into the module's tensors
+    dcp.load({WEIGHTS_KEY: state}, storage_reader=reader, no_dist=True)  # in place, into the module's tensors
     module.load_state_dict(state, strict=module.strict_loading)
     module.eval()
     return module

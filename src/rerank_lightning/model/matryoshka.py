@@ -130,13 +130,14 @@ class _LayerInputs:
 
     def __init__(self, decoder: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor):
         config = decoder.config
-        kw = dict(config=config, inputs_embeds=hidden, attention_mask=mask, past_key_values=None,
-                  position_ids=position_ids)
+        # No cache: passed by position, since transformers renames that argument (past_key_values -> cache,
+        # the old name removed in 5.40) and older 5.x releases take cache_position there, unused.
+        args = (config, hidden, mask, None)
         self.types = getattr(config, "layer_types", None)
         self.sliding = not self.types and bool(getattr(config, "sliding_window", None))
-        self.masks = {"full_attention": create_causal_mask(**kw)}
+        self.masks = {"full_attention": create_causal_mask(*args, position_ids=position_ids)}
         if self.sliding or (self.types and "sliding_attention" in self.types):
-            self.masks["sliding_attention"] = create_sliding_window_causal_mask(**kw)
+            self.masks["sliding_attention"] = create_sliding_window_causal_mask(*args, position_ids=position_ids)
         self.position_ids = position_ids
         self.position_embeddings = decoder.rotary_emb(hidden, position_ids)
 
@@ -202,8 +203,9 @@ def _read_last(decoder: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> 
 
 def _run_layer(decoder: nn.Module, i: int, hidden: torch.Tensor, inputs: _LayerInputs,
                capture: _LastRowCapture | None) -> torch.Tensor:
+    # no cache argument (its default is none; its name changes across transformers releases)
     kwargs = dict(attention_mask=inputs.mask(i), position_ids=inputs.position_ids,
-                  position_embeddings=inputs.position_embeddings, past_key_values=None, use_cache=False)
+                  position_embeddings=inputs.position_embeddings, use_cache=False)
     if capture is None:
         out = decoder.layers[i](hidden, **kwargs)
     else:  # this one call goes through the attention that also returns the last token's row
