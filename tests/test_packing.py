@@ -65,9 +65,9 @@ def test_pack_rows_places_every_pair_once_within_the_budget():
 def test_packed_rows_hold_each_pair_with_restarting_positions_and_its_score_token():
     seqs = random_pairs(LENGTHS)
     labels = [[-100] * (n - 1) + [YES if i == 0 else NO] for i, n in enumerate(LENGTHS)]
-    packed = pack_pairs(seqs, [n - 2 for n in LENGTHS], pad_value=0, multiple=8, labels=labels)
+    packed = pack_pairs(seqs, [n - 2 for n in LENGTHS], pad_value=0, budget=24, multiple=8, labels=labels)
     ids, pos, scored = packed["input_ids"], packed["position_ids"], packed["scored_pair"]
-    assert ids.shape[1] == 24 and ids.shape[0] < len(seqs)  # width: the longest pair rounded to 8
+    assert ids.shape[1] == 24 and ids.shape[0] == 4  # rows of at most 24 tokens
     assert ids.numel() < len(seqs) * 24
     for i, seq in enumerate(seqs):
         r, c = (scored == i).nonzero()[0].tolist()  # the token that predicts the answer
@@ -85,7 +85,7 @@ def test_packed_scores_equal_padded_scores(arch, side):
     seqs = random_pairs(LENGTHS)
     ids = pad_batch(seqs, 0, side, 8)
     mask = pad_batch([[1] * len(s) for s in seqs], 0, side, 8)
-    packed = pack_pairs(seqs, [len(s) - 1 for s in seqs], pad_value=0, multiple=8)
+    packed = pack_pairs(seqs, [len(s) - 1 for s in seqs], pad_value=0, budget=24, multiple=8)
     assert packed["input_ids"].shape[0] < len(seqs)
     with torch.no_grad():
         padded = answer_logits(lm, ids, mask, score_positions(mask))
@@ -98,7 +98,7 @@ def test_packed_scores_would_differ_if_pairs_saw_each_other():
     """Guard for the check above: one row with a plain causal mask over all its pairs scores differently."""
     lm = make_lm("llama")
     seqs = random_pairs(LENGTHS)
-    packed = pack_pairs(seqs, [len(s) - 1 for s in seqs], pad_value=0, multiple=8)
+    packed = pack_pairs(seqs, [len(s) - 1 for s in seqs], pad_value=0, budget=24, multiple=8)
     plain = torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"])
     with torch.no_grad():
         right = packed_answer_logits(lm, packed["input_ids"], packed["position_ids"], packed["scored_pair"])
@@ -134,7 +134,7 @@ def tiny_module(micro_batch_size=None):
 def test_packed_batch_gives_the_padded_loss_and_gradients(mistral_tokenizer, micro_batch_size):
     features = groups()
     padded = RerankCollator(mistral_tokenizer)(features)
-    packed = RerankCollator(mistral_tokenizer, packing=True)(features)
+    packed = RerankCollator(mistral_tokenizer, packing=True, packed_length=64)(features)
     assert packed["pair"]["input_ids"].numel() < padded["pair"]["input_ids"].numel()
     results = []
     for batch in (padded, packed):

@@ -23,7 +23,7 @@ class RerankDataModule(L.LightningDataModule):
     `recipe` picks the formatter, dataset and collator: `instruction` (SPEC 3) or `matryoshka` (SPEC 4).
     `prompt` / `padding_side` None: the recipe's default (padding: left for instruction, right for
     matryoshka); `cache_dir=None` keeps pre-tokenised records in memory only. `packing` packs the pairs
-    of a batch into rows of at most `packed_length` tokens (None: the padded batch's width).
+    of a batch into rows of at most `packed_length` tokens.
     """
 
     def __init__(
@@ -50,7 +50,7 @@ class RerankDataModule(L.LightningDataModule):
         recipe: str = "instruction",
         cache_dir: str | None = default_cache_dir(),
         packing: bool = False,
-        packed_length: int | None = None,
+        packed_length: int = 256,
     ):
         super().__init__()
         if recipe not in RECIPES:

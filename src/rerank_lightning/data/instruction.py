@@ -139,10 +139,10 @@ def pack_rows(lengths: Sequence[int], budget: int) -> list[list[int]]:
 
 
 def pack_pairs(sequences: Sequence[Sequence[int]], score_at: Sequence[int], pad_value: int,
-               budget: int | None = None, multiple: int | None = 8,
+               budget: int = 256, multiple: int | None = 8,
                labels: Sequence[Sequence[int]] | None = None, label_pad: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:
-    """Pairs packed into as few rows of at most `budget` tokens as first-fit decreasing finds (None: the
-    longest pair rounded up to `multiple`, the padded batch's width), rows right-padded to a common width.
+    """Pairs packed into as few rows of at most `budget` tokens as first-fit decreasing finds, rows
+    right-padded to a common width (a multiple of `multiple`).
 
     `position_ids` restart at 0 for each pair (and for a row's trailing padding): with no attention mask,
     transformers reads them as packed sequences and keeps attention within each pair (a block-diagonal
@@ -150,10 +150,6 @@ def pack_pairs(sequences: Sequence[Sequence[int]], score_at: Sequence[int], pad_
     index at its score token `score_at[i]` (the token that predicts the answer), -1 elsewhere.
     """
     lengths = [len(seq) for seq in sequences]
-    if budget is None:
-        budget = max(lengths)
-        if multiple:
-            budget = math.ceil(budget / multiple) * multiple
     rows = pack_rows(lengths, budget)
     width = max(sum(lengths[i] for i in row) for row in rows)
     if multiple:
@@ -206,7 +202,7 @@ class RerankCollator:
     label_pad_token_id: int = IGNORE_INDEX
     return_tensors: str = "pt"
     packing: bool = False
-    packed_length: int | None = None  # tokens per packed row; None: the padded batch's width
+    packed_length: int = 256  # tokens per packed row (a longer pair gets a row of its own)
     pad_id: int = field(init=False)
 
     def __post_init__(self) -> None:
