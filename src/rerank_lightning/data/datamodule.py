@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from . import instruction, matryoshka
 from .candidates import CandidatePairs, collate_candidates, load_beir_rerank, load_candidate_lists
+from .formatting import FormatConfigError
 from .sampling import GroupSampler
 from .tokenized import default_cache_dir
 
@@ -24,7 +25,8 @@ class RerankDataModule(L.LightningDataModule):
 
     `recipe` picks the formatter, dataset and collator: `instruction` (SPEC 3) or `matryoshka` (SPEC 4).
     `prompt` / `padding_side` None: the recipe's default (padding: left for instruction, right for
-    matryoshka); `cache_dir=None` keeps pre-tokenised records in memory only.
+    matryoshka); `cache_dir=None` keeps pre-tokenised records in memory only. `packing` packs the pairs
+    of a batch into rows of at most `packed_length` tokens.
     """
 
     def __init__(
@@ -50,10 +52,15 @@ class RerankDataModule(L.LightningDataModule):
         on_error: str = "raise",
         recipe: str = "instruction",
         cache_dir: str | None = default_cache_dir(),
+        packing: bool = False,
+        packed_length: int = 256,
     ):
         super().__init__()
         if recipe not in RECIPES:
             raise ValueError(f"data.recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
+        if packing and recipe == "matryoshka":
+            raise FormatConfigError("data.packing is not supported by the Matryoshka recipe: its token compression "
+                                    "and exits need one pair per row; set data.packing=false")
         self.recipe, self._recipe_module = recipe, RECIPES[recipe]
         self.tokenizer = tokenizer
         self.args = self._recipe_module.DataArguments(
@@ -73,8 +80,9 @@ class RerankDataModule(L.LightningDataModule):
         )
         self.formatter = self.args.formatter(tokenizer)  # validates lengths and Yes/No tokens now
         collate = (tokenizer, query_max_len, passage_max_len, pad_to_multiple_of, self.args.padding_side)
-        self.collator = self._recipe_module.RerankCollator(*collate)  # training groups
-        self.pair_collator = instruction.RerankCollator(*collate)  # validation pairs
+        packed = {"packing": packing, "packed_length": packed_length} if packing else {}
+        self.collator = self._recipe_module.RerankCollator(*collate, **packed)  # training groups
+        self.pair_collator = instruction.RerankCollator(*collate, **packed)  # validation pairs
         if val_data and val_beir:
             raise ValueError("give validation data either as val_data (candidate lists) or val_beir, not both")
         self.val_data, self.val_beir, self.max_val_queries = val_data, val_beir, max_val_queries

