@@ -8,7 +8,7 @@ module up, the same way for every backbone and for both modules (`RerankerModule
 - one `fully_shard` unit per decoder layer, the model's own class (`decoder_layer_classes`: the
   classes named by `_no_split_modules` of its transformers model), then the LightningModule as the
   root unit (embeddings, final norm, LM head, Matryoshka heads; its `forward` gathers them);
-- activation checkpointing of those layers by transformers' own `gradient_checkpointing_enable`
+- activation checkpointing of those layers by transformers' own switch (model.backbone)
   (torch's non-reentrant `torch.utils.checkpoint`), so the Matryoshka exit pass, which calls the
   layers itself, is checkpointed too;
 - every rank is a data-parallel replica for the samplers (Lightning's default mesh, nodes x devices,
@@ -30,6 +30,8 @@ from typing import Any, Iterable
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+
+from .model.backbone import enable_activation_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> bool:
 
     for module in model.modules():
         if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
-            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(module)
             return True
     return False
 

@@ -219,6 +219,17 @@ def _forget_gguf_quantization(lm: torch.nn.Module) -> None:
         del lm.config.quantization_config
 
 
+def enable_activation_checkpointing(lm: torch.nn.Module) -> None:
+    """Recompute each decoder layer in backward (non-reentrant), through transformers' own switch:
+    `activation_checkpointing_enable` where it exists; `gradient_checkpointing_enable`, its deprecated
+    name (removed in transformers 6), on releases that predate it."""
+    enable = getattr(lm, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def apply_lora(lm: torch.nn.Module, lora: Mapping[str, Any]) -> torch.nn.Module:
     """Wrap with a peft LoRA adapter; only the adapter (and `modules_to_save`) train."""
     from peft import LoraConfig, get_peft_model

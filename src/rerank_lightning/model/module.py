@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.checkpoint import checkpoint
 
 from ..eval.metrics import mean_metrics_from_rows
-from .backbone import apply_lora, load_causal_lm
+from .backbone import apply_lora, enable_activation_checkpointing, load_causal_lm
 from .losses import DISTILLATIONS, OBJECTIVES, ScoredGroups, loss_config
 from .scoring import answer_label_ids, answer_logits, packed_answer_logits, packed_order, score_positions
 
@@ -111,7 +111,7 @@ class RerankerModule(L.LightningModule):
             return
         lm = load_causal_lm(self.model_cfg, self.hparams.vocab_size)
         if self.model_cfg.get("gradient_checkpointing"):
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(lm)
         lora = self.model_cfg.get("lora") or {}
         if lora.get("enabled"):
             lm = apply_lora(lm, lora)
