@@ -14,7 +14,7 @@ from cli_run import describe, error_line, run_module
 from conftest import ROOT, TINY_MODEL
 from rerank_lightning import cli
 from rerank_lightning.data import RerankDataModule
-from rerank_lightning.data.candidates import read_qrels
+from rerank_lightning.data.beir import read_qrels
 from rerank_lightning.inference import export_reranker
 from rerank_lightning.model import RerankerModule
 

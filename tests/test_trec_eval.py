@@ -10,7 +10,8 @@ import pytest
 import pytrec_eval
 import torch
 
-from rerank_lightning.data.candidates import load_beir_rerank, read_qrels, trec_order
+from rerank_lightning.data.beir import read_qrels, trec_order
+from rerank_lightning.data.candidates import load_beir_rerank
 from rerank_lightning.eval.evaluate import metrics_for_scores, per_query_metrics_for_scores
 
 RUN = "run.dl20.bm25.top100.trec"

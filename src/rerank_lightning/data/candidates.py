@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -13,6 +12,7 @@ from typing import Any, Mapping
 import torch
 from torch.utils.data import Dataset
 
+from .beir import passage_text, read_beir_jsonl, read_qrels, read_trec_run, report_problem, text_lines, trec_order
 from .formatting import PairFormatter
 from .records import DataFormatError
 
@@ -55,7 +55,7 @@ def load_candidate_lists(path: str | Path, max_queries: int | None = None) -> li
     if not path.is_file():
         raise DataFormatError(f"{path}: no such candidate-list file")
     lists: list[CandidateList] = []
-    for lineno, line in _lines(path):
+    for lineno, line in text_lines(path):
         if not line.strip():
             continue
         try:
@@ -98,11 +98,6 @@ def docid_tie_order(docids: list[list[str]], width: int | None = None) -> torch.
     return out
 
 
-def trec_order(ranked: list[tuple[float, str]]) -> list[tuple[float, str]]:
-    """(score, docid) pairs in trec_eval's rank order: score descending, then docid descending (bytes)."""
-    return sorted(ranked, key=lambda sd: (sd[0], sd[1].encode("utf-8")), reverse=True)
-
-
 def query_judgements(lists: list[CandidateList]) -> dict[str, torch.Tensor]:
     """What the metrics need beyond the labels (`ranking_metrics`' `judged` and `judged_grades`):
     judged [Q, C] bool (the qrels judge the candidate), judged_grades [Q, J] float (every grade of the
@@ -116,112 +111,6 @@ def query_judgements(lists: list[CandidateList]) -> dict[str, torch.Tensor]:
         judged[qi, : len(cl.docids)] = torch.tensor([cl.qrels is None or d in cl.qrels for d in cl.docids])
         judged_grades[qi, : len(g)] = torch.tensor(g, dtype=torch.float64)
     return {"judged": judged, "judged_grades": judged_grades}
-
-
-def _lines(path: Path):
-    """(line number, text) of a UTF-8 text file; a line that is not UTF-8 is a DataFormatError."""
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                yield lineno, raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataFormatError(f"{path}:{lineno}: not UTF-8 text (byte {err.start} of the line)") from None
-
-
-def _jsonl_objects(path: Path, what: str):
-    """(line number, object with a string `_id` and `text`) for each non-blank line of a BEIR JSONL file."""
-    if not path.is_file():
-        raise DataFormatError(f"{path}: no such file (a BEIR folder holds corpus.jsonl, queries.jsonl, qrels/)")
-    for lineno, line in _lines(path):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataFormatError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataFormatError(f"{path}:{lineno}: expected a JSON object with _id and text")
-        _id = obj.get("_id")
-        if isinstance(_id, bool) or not isinstance(_id, (str, int)) or not str(_id).strip():
-            raise DataFormatError(f"{path}:{lineno}: field '_id': expected a non-empty string, got {_id!r}")
-        for key in ("text", "title") if what == "document" else ("text",):
-            value = obj.get(key)
-            if not isinstance(value, str) and not (key == "title" and value is None):
-                raise DataFormatError(f"{path}:{lineno}: field '{key}': expected a string, got {value!r}")
-        yield lineno, str(_id), obj
-
-
-def read_qrels(path: Path) -> dict[str, dict[str, int]]:
-    """BEIR qrels TSV (`query-id<TAB>corpus-id<TAB>score`, a header line first): {qid: {docid: grade}}."""
-    if not path.is_file():
-        found = sorted(p.stem for p in path.parent.glob("*.tsv"))
-        raise DataFormatError(f"{path}: no qrels for split '{path.stem}' (splits found: {found or 'none'})")
-    qrels: dict[str, dict[str, int]] = defaultdict(dict)
-    for lineno, line in _lines(path):
-        fields = line.rstrip("\r\n").split("\t")
-        if lineno == 1 and fields == ["query-id", "corpus-id", "score"] or not line.strip():
-            continue
-        if len(fields) != 3:
-            raise DataFormatError(f"{path}:{lineno}: expected 'query-id<TAB>corpus-id<TAB>score', "
-                                  f"got {len(fields)} tab-separated fields")
-        qid, docid, grade = fields
-        try:
-            value = int(grade)
-        except ValueError:
-            raise DataFormatError(f"{path}:{lineno}: field 'score': expected an integer grade, got {grade!r}") from None
-        if docid in qrels[qid] and qrels[qid][docid] != value:
-            raise DataFormatError(f"{path}:{lineno}: query {qid!r} document {docid!r} is judged twice "
-                                  f"({qrels[qid][docid]} and {value})")
-        qrels[qid][docid] = value
-    return dict(qrels)
-
-
-def read_trec_run(path: str | Path, on_error: str = "raise",
-                  skipped: Counter | None = None) -> dict[str, dict[str, tuple[float, int]]]:
-    """A TREC run (`qid Q0 docid rank score tag` per line): {qid: {docid: (score, line number)}}.
-
-    The rank column is ignored (trec_eval ranks by score). A line with the wrong number of columns or a
-    score that is not a finite number, or a (qid, docid) seen before, is an error, or with
-    `on_error="skip"` a counted skip (`skipped`; a duplicate keeps its first line).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataFormatError(f"{path}: no such run file")
-    skipped = Counter() if skipped is None else skipped
-    run: dict[str, dict[str, tuple[float, int]]] = defaultdict(dict)
-    for lineno, line in _lines(path):
-        parts = line.split()
-        if not parts:
-            continue
-        problem, what = None, ""
-        if len(parts) != 6:
-            problem, what = "malformed run lines", f"expected 6 columns 'qid Q0 docid rank score tag', got {len(parts)}"
-        else:
-            qid, docid, score = parts[0], parts[2], _number(parts[4])
-            if score is None:
-                problem, what = "malformed run lines", f"field 'score' (column 5): expected a number, got {parts[4]!r}"
-            elif docid in run[qid]:
-                problem = "duplicate run lines"
-                what = f"document {docid!r} appears twice for query {qid!r} (first on line {run[qid][docid][1]})"
-        if problem:
-            _problem(f"{path}:{lineno}: {what}", problem, on_error, skipped)
-            continue
-        run[qid][docid] = (score, lineno)
-    return dict(run)
-
-
-def _number(text: str) -> float | None:
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
-def _problem(message: str, kind: str, on_error: str, skipped: Counter) -> None:
-    if on_error == "raise":
-        raise DataFormatError(f"{message} (on_error=skip skips such lines and counts them)")
-    skipped[kind] += 1
 
 
 def load_beir_rerank(beir_dir: str | Path, run_file: str | Path, split: str | None = "test",
@@ -247,7 +136,7 @@ def load_beir_rerank(beir_dir: str | Path, run_file: str | Path, split: str | No
     before = sum(skipped.values())
     qrels = read_qrels(beir_dir / "qrels" / f"{split}.tsv") if split is not None else None
     run = read_trec_run(run_file, on_error, skipped)
-    queries = {qid: obj["text"] for _, qid, obj in _jsonl_objects(beir_dir / "queries.jsonl", "query")}
+    queries = {qid: obj["text"] for _, qid, obj in read_beir_jsonl(beir_dir / "queries.jsonl", "query")}
     top = {}
     for qid in sorted(run):
         if qrels is not None and qid not in qrels:
@@ -255,15 +144,15 @@ def load_beir_rerank(beir_dir: str | Path, run_file: str | Path, split: str | No
             continue
         if qid not in queries:
             line = min(line for _, line in run[qid].values())
-            _problem(f"{run_file}:{line}: query {qid!r} is not in {beir_dir / 'queries.jsonl'}",
+            report_problem(f"{run_file}:{line}: query {qid!r} is not in {beir_dir / 'queries.jsonl'}",
                      "run queries not in queries.jsonl", on_error, skipped)
             continue
         top[qid] = trec_order([(score, docid) for docid, (score, _) in run[qid].items()])[:top_k]
     wanted = {docid for ranked in top.values() for _, docid in ranked}
     corpus = {}
-    for _, docid, doc in _jsonl_objects(beir_dir / "corpus.jsonl", "document"):
+    for _, docid, doc in read_beir_jsonl(beir_dir / "corpus.jsonl", "document"):
         if docid in wanted:
-            corpus[docid] = f"{doc.get('title') or ''} {doc['text']}".strip()
+            corpus[docid] = passage_text(doc)
     lists = []
     for qid, ranked in top.items():
         docids = []
@@ -271,7 +160,7 @@ def load_beir_rerank(beir_dir: str | Path, run_file: str | Path, split: str | No
             if docid in corpus:
                 docids.append(docid)
             else:
-                _problem(f"{run_file}:{run[qid][docid][1]}: document {docid!r} is not in "
+                report_problem(f"{run_file}:{run[qid][docid][1]}: document {docid!r} is not in "
                          f"{beir_dir / 'corpus.jsonl'}", "run lines with a document not in the corpus",
                          on_error, skipped)
         if not docids:

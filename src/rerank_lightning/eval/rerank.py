@@ -11,7 +11,8 @@ from typing import Sequence
 
 import torch
 
-from ..data.candidates import CandidateList, load_beir_rerank, trec_order
+from ..data.beir import trec_order
+from ..data.candidates import CandidateList, load_beir_rerank
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
