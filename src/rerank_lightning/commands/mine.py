@@ -40,13 +40,14 @@ def parser() -> argparse.ArgumentParser:
                    help="also never a negative: a judged doc above this grade (e.g. 0: only unjudged or judged 0)")
     p.add_argument("--judged-only", action="store_true", help="negatives only among judged documents")
     p.add_argument("--grades", action="store_true", help="write pos_grades / neg_grades (judged grades)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42,
+                   help="negatives are sampled per query from this seed and the qid (default: 42)")
     p.add_argument("--teacher", help="false-negative filter: a reranker export or HF directory (see score-teacher)")
     p.add_argument("--teacher-margin", type=float, default=0.0,
                    help="drop a negative the teacher scores above (lowest positive - margin) (default: 0)")
     p.add_argument("--teacher-prompt", default=None, help="prompt for a plain HF yes/no causal LM teacher")
     p.add_argument("--batch-size", type=int, default=16, help="teacher batch size")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
     return p
 
 

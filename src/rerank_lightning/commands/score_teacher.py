@@ -19,15 +19,16 @@ from ..inference.teacher import TEACHER_KINDS, check_records, load_teacher, scor
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rerank-lightning score-teacher", description=__doc__.splitlines()[0])
     p.add_argument("teacher", help="a reranker export, a HF causal LM (yes/no) or a HF sequence-classification model")
-    p.add_argument("input", help="training JSONL (SPEC 1)")
+    p.add_argument("input", help="training JSONL in FlagEmbedding's layout (query, pos, neg per line)")
     p.add_argument("output", help="the same records with pos_scores / neg_scores")
     p.add_argument("--kind", choices=TEACHER_KINDS, default="auto",
                    help="auto: export if it has reranker_config.json, cross-encoder if its architecture is "
                         "*ForSequenceClassification, else causal-lm")
-    p.add_argument("--prompt", default=None, help="causal-lm: the prompt after the pair (default: SPEC 3's)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--prompt", default=None, help="causal-lm: the prompt after the pair "
+                   "(default: the instruction recipe's yes/no prompt)")
+    p.add_argument("--batch-size", type=int, default=16, help="pairs per forward pass (default: 16)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
     return p
 
 

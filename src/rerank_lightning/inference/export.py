@@ -190,9 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     from ..model import WeightsUnavailableError
 
     parser = argparse.ArgumentParser(prog="rerank-lightning export",
-                                     description="Export a rerank-lightning checkpoint (SPEC 9)")
+                                     description="Write a Hugging Face directory (merged weights or a LoRA adapter, tokenizer, "
+                                                 "recipe, the files other clients read, a model card) from a "
+                                                 "checkpoint that train.py wrote.")
     parser.add_argument("checkpoint", help="a .ckpt file written by train.py, or a sharded checkpoint directory")
-    parser.add_argument("out_dir")
+    parser.add_argument("out_dir", help="the directory to write (created; files in it are replaced)")
     parser.add_argument("--adapter-only", action="store_true", help="LoRA: save the adapter, not merged weights")
     args = parser.parse_args(argv)
     out = Path(args.out_dir)
