@@ -111,7 +111,12 @@ class RerankerModule(L.LightningModule):
             return
         lm = load_causal_lm(self.model_cfg, self.hparams.vocab_size)
         if self.model_cfg.get("gradient_checkpointing"):
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers 5.x renamed it (the old name warns, removed in v6); 4.x has only the old one
+            enable = getattr(lm, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lora = self.model_cfg.get("lora") or {}
         if lora.get("enabled"):
             lm = apply_lora(lm, lora)
