@@ -1,16 +1,35 @@
 """Train a reranker: `python train.py [data=...] [model=...] [key=value ...]` (see README)."""
 
+import ctypes
 import os
 import re
 import sys
 from pathlib import Path
 from typing import NoReturn
 
-import hydra
-import lightning  # noqa: F401  before Hydra's logging setup, which replaces its console handler (conf/hydra)
-from hydra.errors import InstantiationException
-from omegaconf import DictConfig
-from omegaconf.errors import MissingMandatoryValue
+
+def _return_freed_memory_to_the_os() -> None:
+    """glibc keeps the training step's freed activation and gradient blocks in its heaps, so RSS climbs
+    step after step (the default run: 5.2 GiB for 2.2 GiB of weights, gradients and AdamW state).
+    Blocks of 64 KiB and more are then mapped on their own and unmapped when freed. Set before torch
+    allocates anything; `MALLOC_MMAP_THRESHOLD_` in the environment wins; no-op without glibc."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold = -3  # <malloc.h>
+    libc.mallopt(m_mmap_threshold, 64 * 1024)
+
+
+_return_freed_memory_to_the_os()
+
+import hydra  # noqa: E402
+import lightning  # noqa: F401, E402  before Hydra's logging setup, which replaces its console handler (conf/hydra)
+from hydra.errors import InstantiationException  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+from omegaconf.errors import MissingMandatoryValue  # noqa: E402
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
