@@ -7,6 +7,7 @@ import copy
 import json
 import pickle
 
+import datasets
 import pyarrow as pa
 import pytest
 import torch
@@ -94,14 +95,14 @@ def test_store_holds_the_recipe_limits(mistral_tokenizer, shared_data, tmp_path)
 
 
 def test_second_construction_reads_the_cache(mistral_tokenizer, shared_data, tmp_path, monkeypatch):
-    """The store is written once under cache_dir/<fingerprint>; building the dataset again reads
-    it without tokenising, and gives the same items."""
+    """The store is written once under cache_dir/datasets<major>-<fingerprint>; building the dataset
+    again reads it without tokenising, and gives the same items."""
     args = DataArguments(train_data=str(shared_data / "flagembedding" / "reranker_normal_examples.jsonl"),
                          cache_dir=str(tmp_path / "cache"))
     first = TrainDatasetForReranker(args, mistral_tokenizer)
     assert not first.tokens.from_cache
     stored = [p for p in (tmp_path / "cache").iterdir()]
-    assert [p.name for p in stored] == [first.tokens.fingerprint]
+    assert [p.name for p in stored] == [f"datasets{datasets.__version__.split('.')[0]}-{first.tokens.fingerprint}"]
     assert any(stored[0].glob("*.arrow"))
     forbid_tokenising(monkeypatch)
     again = TrainDatasetForReranker(args, mistral_tokenizer)

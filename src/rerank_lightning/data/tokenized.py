@@ -160,7 +160,9 @@ class TokenizedRecords:
 
     def __init__(self, records: Sequence[TrainRecord], formatter: PairFormatter, cache_dir: str | Path | None):
         self.fingerprint = store_fingerprint(records, formatter)
-        self.path = Path(cache_dir).expanduser() / self.fingerprint if cache_dir is not None else None
+        # one folder per datasets major release: a store written by datasets 5 does not load under 2.x
+        store_dir = f"datasets{datasets.__version__.split('.')[0]}-{self.fingerprint}"
+        self.path = Path(cache_dir).expanduser() / store_dir if cache_dir is not None else None
         self.from_cache = self.path is not None and self.path.is_dir()
         if self.from_cache:
             try:
