@@ -70,17 +70,24 @@ def text_lines(path: Path):
                 raise DataFormatError(f"{path}:{lineno}: not UTF-8 text (byte {err.start} of the line)") from None
 
 
-def read_beir_jsonl(path: Path, what: str):
-    """(line number, object with a string `_id` and `text`) for each non-blank line of a BEIR JSONL file."""
-    if not path.is_file():
-        raise DataFormatError(f"{path}: no such file (a BEIR folder holds corpus.jsonl, queries.jsonl, qrels/)")
+def json_lines(path: Path):
+    """(line number, JSON value) for each non-blank line of a JSONL file; a line that is not UTF-8 or
+    not JSON is a DataFormatError naming it."""
     for lineno, line in text_lines(path):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataFormatError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+        yield lineno, value
+
+
+def read_beir_jsonl(path: Path, what: str):
+    """(line number, object with a string `_id` and `text`) for each non-blank line of a BEIR JSONL file."""
+    if not path.is_file():
+        raise DataFormatError(f"{path}: no such file (a BEIR folder holds corpus.jsonl, queries.jsonl, qrels/)")
+    for lineno, obj in json_lines(path):
         if not isinstance(obj, dict):
             raise DataFormatError(f"{path}:{lineno}: expected a JSON object with _id and text")
         _id = obj.get("_id")

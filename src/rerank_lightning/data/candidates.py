@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ from typing import Any, Mapping
 import torch
 from torch.utils.data import Dataset
 
-from .beir import passage_text, read_beir_jsonl, read_qrels, read_trec_run, report_problem, text_lines, trec_order
+from .beir import json_lines, passage_text, read_beir_jsonl, read_qrels, read_trec_run, report_problem, trec_order
 from .formatting import PairFormatter
 from .records import DataFormatError
 
@@ -55,13 +54,7 @@ def load_candidate_lists(path: str | Path, max_queries: int | None = None) -> li
     if not path.is_file():
         raise DataFormatError(f"{path}: no such candidate-list file")
     lists: list[CandidateList] = []
-    for lineno, line in text_lines(path):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataFormatError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+    for lineno, obj in json_lines(path):
         if not isinstance(obj, dict):
             raise DataFormatError(f"{path}:{lineno}: expected a JSON object")
         query, cands = obj.get("query"), obj.get("candidates")
