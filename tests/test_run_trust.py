@@ -95,8 +95,10 @@ def test_pretrained_model_trains_in_train_mode_with_checkpointing(saved_model, m
                           cache_dir=None)
     module = RerankerModule(model=pretrained_cfg(saved_model, lora), yes_token_id=dm.formatter.yes_id,
                             no_token_id=dm.formatter.no_id, vocab_size=len(mistral_tokenizer))
+    assert not load_causal_lm(pretrained_cfg(saved_model, lora), len(mistral_tokenizer)).training  # the case
     module.configure_model()
-    assert not all(m.training for m in module.lm.modules())  # from_pretrained: the case the fix is for
+    assert all(m.training for m in module.lm.modules()), "configure_model left the LM in from_pretrained's eval mode"
+    module.lm.eval()  # whatever mode the LM is in when fit starts, training runs in train mode
     probe = fit_with_probe(module, dm, validate_first)
     assert probe.train_modes == {True}, "a backbone module was in eval mode during training"
     assert probe.train_calls == [2, 2, 2], "gradient checkpointing did not recompute the layer in backward"

@@ -115,7 +115,9 @@ class RerankerModule(L.LightningModule):
         lora = self.model_cfg.get("lora") or {}
         if lora.get("enabled"):
             lm = apply_lora(lm, lora)
-        self.lm = lm
+        # `from_pretrained` returns eval mode: built for training, the LM starts in train mode (so Lightning's
+        # start-of-fit summary and mode check see it); on_train_start makes sure of it on every path.
+        self.lm = lm.train()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
