@@ -28,7 +28,8 @@ if [ ! -f "$stamp" ]; then
     touch "$stamp"
 fi
 "$VENV/bin/python" -m pip list 2>/dev/null | grep -iE "^(torch|transformers|lightning|peft|datasets) "
-# its own cache of pre-tokenised records: those the main suite wrote with a newer datasets do not load here
-RERANK_LIGHTNING_CACHE="$VENV/cache" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false "$VENV/bin/python" -m pytest -q -m "not slow" \
+# its own cache of pre-tokenised records: those the main suite wrote with a newer datasets do not load here.
+# PYTHONPATH: this checkout's code, whichever checkout the shared venv's editable install points to.
+PYTHONPATH="$PWD/src" RERANK_LIGHTNING_CACHE="$VENV/cache" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false "$VENV/bin/python" -m pytest -q -m "not slow" \
     tests/test_matryoshka_model.py tests/test_module.py tests/test_scoring.py tests/test_tokenized.py \
     tests/test_compat.py tests/test_distributed.py "$@"
