@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "hard negatives from BM25 or a TREC run into FlagEmbedding training JSONL"),
     "score-teacher": ("rerank_lightning.commands.score_teacher:main",
                       "add teacher scores (pos_scores/neg_scores) to training JSONL with any loadable reranker"),
+    "compare": ("rerank_lightning.eval.compare:main",
+                "compare rankers query by query against a baseline (paired bootstrap interval)"),
     "matryoshka-grid": ("rerank_lightning.eval.matryoshka_grid:main",
                         "Matryoshka export: quality against cost over exit layers x compression ratios"),
     "matryoshka-compare": ("rerank_lightning.eval.matryoshka_grid:compare_main",

@@ -24,6 +24,7 @@ class CandidateList:
 
     `qrels`: every judgement of the query (docid -> grade), when the candidates come from a run over a
     larger collection (BEIR + run); None for a candidate-list file, whose labels are all it knows.
+    `run_scores`: the first-stage run's score of each candidate (BEIR + run); None for a candidate-list file.
     """
 
     qid: str
@@ -32,6 +33,7 @@ class CandidateList:
     texts: tuple[str, ...]
     labels: tuple[int, ...]
     qrels: Mapping[str, int] | None = field(default=None, compare=False)
+    run_scores: tuple[float, ...] | None = field(default=None, compare=False)
 
 
 def _candidate(path: Path, lineno: int, j: int, cand: Any) -> tuple[str, str, int]:
@@ -148,10 +150,11 @@ def load_beir_rerank(beir_dir: str | Path, run_file: str | Path, split: str | No
             corpus[docid] = passage_text(doc)
     lists = []
     for qid, ranked in top.items():
-        docids = []
-        for _, docid in ranked:
+        docids, run_scores = [], []
+        for score, docid in ranked:
             if docid in corpus:
                 docids.append(docid)
+                run_scores.append(score)
             else:
                 report_problem(f"{run_file}:{run[qid][docid][1]}: document {docid!r} is not in "
                          f"{beir_dir / 'corpus.jsonl'}", "run lines with a document not in the corpus",
@@ -162,7 +165,7 @@ def load_beir_rerank(beir_dir: str | Path, run_file: str | Path, split: str | No
         judgements = qrels[qid] if qrels is not None else {}
         lists.append(CandidateList(qid, queries[qid], tuple(docids), tuple(corpus[d] for d in docids),
                                    tuple(judgements.get(d, 0) for d in docids),
-                                   qrels=judgements if qrels is not None else None))
+                                   qrels=judgements if qrels is not None else None, run_scores=tuple(run_scores)))
     if sum(skipped.values()) > before:
         log.warning("%s + %s: skipped %s", beir_dir, run_file, ", ".join(f"{n} {k}" for k, n in skipped.items()))
     if not lists:

@@ -25,11 +25,11 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from ..data.candidates import CandidateList, load_candidate_lists
 from ..data.records import DataFormatError
-from .evaluate import default_device, per_query_metrics_for_scores
+from .compare import markdown_table, paired_change
+from .evaluate import per_query_metrics_for_scores
+from .rerank import default_device
 
 
 def pair_cost(length: int, query_length: int, prompt_length: int, exit_layer: int, compress_layers: Sequence[int],
@@ -91,14 +91,6 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def _markdown(rows: list[dict[str, Any]]) -> str:
-    fields = list(rows[0])
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-    md = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
-    md += ["| " + " | ".join(fmt(r[c]) for c in fields) + " |" for r in rows]
-    return "\n".join(md) + "\n"
-
-
 def write_outputs(rows: list[dict[str, Any]], out_dir: str | Path, title: str = "", k: int = 10,
                   per_query: list[dict[str, Any]] | None = None) -> list[Path]:
     """grid.csv, grid.md and grid.png (metric against relative cost, one line per ratio), and
@@ -111,7 +103,7 @@ def write_outputs(rows: list[dict[str, Any]], out_dir: str | Path, title: str = 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "grid.csv", rows)
-    (out / "grid.md").write_text((f"{title}\n\n" if title else "") + _markdown(rows))
+    (out / "grid.md").write_text((f"{title}\n\n" if title else "") + markdown_table(rows))
     written = [out / "grid.csv", out / "grid.md", out / "grid.png"]
     if per_query:
         _write_csv(out / "per_query.csv", per_query)
@@ -162,23 +154,15 @@ def compare_grids(base_dir: str | Path, other_dir: str | Path, metric: str = "nD
             setting[r["qid"]] = float(r[metric])
         per[name] = table
     adapters = {(int(r["exit_layer"]), int(r["ratio"])): r["adapter"] for r in _read_csv(other_dir / "grid.csv")}
-    gen = torch.Generator().manual_seed(seed)
     rows = []
     for key in sorted(set(per["base"]) & set(per["other"]), key=lambda kv: (kv[1], kv[0])):
         base, other = per["base"][key], per["other"][key]
         if set(base) != set(other):
             raise DataFormatError(f"exit {key[0]} ratio {key[1]}: the two grids scored different queries")
-        qids = sorted(base)
-        diff = torch.tensor([other[q] - base[q] for q in qids], dtype=torch.float64)
-        picks = torch.randint(len(qids), (samples, len(qids)), generator=gen)
-        boot = diff[picks].mean(dim=1)
-        rows.append({
-            "exit_layer": key[0], "ratio": key[1], "adapter": adapters.get(key, "?"),
-            f"{metric} base": sum(base.values()) / len(qids), f"{metric} other": sum(other.values()) / len(qids),
-            "change": float(diff.mean()), "ci95_low": float(boot.quantile(0.025)),
-            "ci95_high": float(boot.quantile(0.975)),
-            "better": int((diff > 0).sum()), "worse": int((diff < 0).sum()), "same": int((diff == 0).sum()),
-        })
+        change = paired_change(base, other, samples, seed)
+        rows.append({"exit_layer": key[0], "ratio": key[1], "adapter": adapters.get(key, "?"),
+                     f"{metric} base": change["base"], f"{metric} other": change["other"],
+                     **{k: change[k] for k in ("change", "ci95_low", "ci95_high", "better", "worse", "same")}})
     if not rows:
         raise DataFormatError(f"{base_dir} and {other_dir} share no (exit, ratio) setting")
     return rows
@@ -202,7 +186,7 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
     summary = (f"{len(changed)} settings use an adapter; mean change {args.metric} "
                f"{sum(r['change'] for r in changed) / max(len(changed), 1):+.4f}; interval above 0 in "
                f"{sum(r['ci95_low'] > 0 for r in changed)}, below 0 in {sum(r['ci95_high'] < 0 for r in changed)}")
-    text = _markdown(rows) + "\n" + summary + "\n"
+    text = markdown_table(rows) + "\n" + summary + "\n"
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

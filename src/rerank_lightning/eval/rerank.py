@@ -17,6 +17,27 @@ from ..data.candidates import CandidateList, load_beir_rerank
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def default_device(name: str | None = None) -> torch.device:
+    """The device named, else the first GPU when there is one, else the CPU."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def add_reranker_options(parser: argparse.ArgumentParser) -> None:
+    """--batch-size, --device and --dtype: how a command runs an exported reranker (`load_reranker`)."""
+    parser.add_argument("--batch-size", type=int, default=16, help="pairs per forward pass (default: 16)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
+                        help="weights' dtype (default: auto, as saved in the export)")
+
+
+def load_reranker(model_dir: str | Path, args: argparse.Namespace):
+    """The export at `model_dir`, run as `add_reranker_options`' arguments say."""
+    from ..inference import Reranker
+
+    return Reranker.from_pretrained(model_dir, device=default_device(args.device), dtype=DTYPES[args.dtype],
+                                    batch_size=args.batch_size)
+
+
 def ranked_run(lists: Sequence[CandidateList], scores: Sequence[float]) -> dict[str, list[tuple[float, str]]]:
     """{qid: [(score, docid), ...]} in trec_eval's rank order, one score per candidate (lists flattened)."""
     if len(scores) != sum(len(cl.docids) for cl in lists):
@@ -61,26 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run lines naming a query or document missing from the BEIR folder, duplicate or "
                              "malformed run lines: stop with an error (raise, default) or skip them and print "
                              "how many")
-    parser.add_argument("--batch-size", type=int, default=16, help="pairs per forward pass (default: 16)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
-                        help="weights' dtype (default: auto, as saved in the export)")
+    add_reranker_options(parser)
     parser.add_argument("--tag", default="rerank-lightning",
                         help="the run's name, written in the last column (default: rerank-lightning)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ..inference import Reranker
-    from .evaluate import default_device
-
     args = build_parser().parse_args(argv)
     skipped: Counter = Counter()
     lists = load_beir_rerank(args.beir, args.run, split=None, top_k=args.top_k, on_error=args.on_error,
                              skipped=skipped)
-    reranker = Reranker.from_pretrained(args.model_dir, device=default_device(args.device),
-                                        dtype=DTYPES[args.dtype], batch_size=args.batch_size)
-    scores = reranker.score([(cl.query, text) for cl in lists for text in cl.texts], progress=True)
+    pairs = [(cl.query, text) for cl in lists for text in cl.texts]
+    scores = load_reranker(args.model_dir, args).score(pairs, progress=True)
     out = write_trec_run(args.out, ranked_run(lists, scores), args.tag)
     if skipped:
         print(f"skipped: {', '.join(f'{n} {what}' for what, n in skipped.items())}", file=sys.stderr)
