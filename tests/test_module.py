@@ -478,14 +478,3 @@ def test_adapter_only_export_scores_like_the_trained_module(mistral_tokenizer, t
 
     with pytest.raises(ValueError, match="base_model"):
         export_reranker(module.lm, dm.formatter, tmp_path / "again", merge=False)
-
-
-def test_adamw_is_fused_unless_turned_off(trained):
-    """optim.fused (default true): AdamW's fused kernel, no foreach temporaries over all parameters."""
-    from rerank_lightning.model.module import adamw_implementation
-
-    _, module, trainer, _ = trained
-    assert all(group["fused"] for group in trainer.optimizers[0].param_groups)
-    params = list(module.parameters())
-    assert adamw_implementation(params, fused=True) == {"fused": True}
-    assert adamw_implementation(params, fused=False) == {}
