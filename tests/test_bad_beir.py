@@ -105,3 +105,16 @@ def test_skip_counts_every_dropped_line_and_query(export, tmp_path):
                                  "run lines with a document not in the corpus": 1}
     assert "skipped: " in proc.stderr and "1 duplicate run lines" in proc.stderr
     assert {"nDCG@10", "RR@10", "MRR@10", "MAP", "Recall@100", "Judged@10"} <= set(result)
+
+
+@pytest.mark.parametrize("recipe, fragments", [
+    ('{"format_version": 99, "recipe": "instruction"}', ["unsupported recipe 'instruction' version 99"]),
+    ('{"format_version": 1, "recipe": "listwise-t5"', ["reranker_config.json:1", "not valid JSON"]),
+    ('["instruction"]', ["expected a JSON object"]),
+])
+def test_a_broken_export_config_is_one_error_line(export, tmp_path, recipe, fragments):
+    beir, run = write_beir(tmp_path)
+    broken = tmp_path / "broken_export"
+    broken.mkdir()
+    (broken / "reranker_config.json").write_text(recipe)
+    error_line(run_module(EVALUATE, [broken, "--beir", beir, "--run", run], tmp_path), *fragments)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.formatting import FORMATTERS, PairFormatter, formatter_from_recipe, pad_token_id
+from ..data.formatting import FORMATTERS, FormatConfigError, PairFormatter, formatter_from_recipe, pad_token_id
 from ..data.padding import pad_batch
 from ..model.scoring import answer_logits, score_positions
 from .export import FORMAT_VERSION, RECIPE_FILE
@@ -49,13 +49,19 @@ class Reranker:
         recipe_path = path / RECIPE_FILE
         if not recipe_path.is_file():
             raise FileNotFoundError(f"{path} is not an exported reranker: {RECIPE_FILE} is missing")
-        recipe = json.loads(recipe_path.read_text())
+        try:
+            recipe = json.loads(recipe_path.read_text())
+        except json.JSONDecodeError as err:
+            raise FormatConfigError(f"{recipe_path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(recipe, dict):
+            raise FormatConfigError(f"{recipe_path}: expected a JSON object, got {type(recipe).__name__}")
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if recipe.get("format_version") != FORMAT_VERSION or recipe.get("recipe") not in FORMATTERS:
-            raise ValueError(f"{recipe_path}: unsupported recipe {recipe.get('recipe')!r} "
-                             f"version {recipe.get('format_version')!r}")
+            raise FormatConfigError(f"{recipe_path}: unsupported recipe {recipe.get('recipe')!r} version "
+                                    f"{recipe.get('format_version')!r} (this version reads format_version "
+                                    f"{FORMAT_VERSION} with recipe {' or '.join(map(repr, FORMATTERS))})")
         formatter = formatter_from_recipe(auto_tokenizer(str(path)), recipe)
         if recipe.get("base_model"):  # adapter-only export: rebuild the base, apply and merge the adapter
             from peft import PeftModel
