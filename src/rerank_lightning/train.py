@@ -100,6 +100,11 @@ def _fit_and_export(cfg: DictConfig, datamodule: RerankDataModule, module: Reran
     if has_val and getattr(module, "last_validated_step", None) != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     after = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    # Training is over (its checkpoint is saved): drop the optimizer state and the gradients, three times
+    # the trainable weights in fp32, before the export makes its own copy of the weights.
+    for optimizer in trainer.optimizers:
+        optimizer.state.clear()
+    module.zero_grad(set_to_none=True)
 
     export_dir = None
     if cfg.export.enabled:  # every rank: under FSDP the full model is gathered to rank 0, which writes it
