@@ -104,3 +104,11 @@ def test_compare_refuses_bad_files_with_one_line(tmp_path, content, fragments):
     (tmp_path / "other.csv").write_text(content)
     proc = run_module("rerank_lightning.cli", ["compare", "base.csv", "other.csv"], tmp_path)
     error_line(proc, *fragments)
+
+
+@pytest.mark.parametrize("command", ["compare", "matryoshka-compare"])
+def test_both_comparisons_refuse_zero_resamples_as_a_usage_error(tmp_path, command):
+    write_per_query(tmp_path / "base.csv", {"1": 0.5})
+    proc = run_module("rerank_lightning.cli", [command, "base.csv", "base.csv", "--samples", "0"], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "--samples: expected at least 1 resample, got 0" in proc.stderr

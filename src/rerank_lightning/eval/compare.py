@@ -92,6 +92,20 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _resamples(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 resample, got {value}")
+    return value
+
+
+def add_bootstrap_options(parser: argparse.ArgumentParser) -> None:
+    """--metric, --samples and --seed: what `paired_change` compares and how it resamples."""
+    parser.add_argument("--metric", default="nDCG@10", help="the per-query metric column to compare (default: nDCG@10)")
+    parser.add_argument("--samples", type=_resamples, default=2000, help="bootstrap resamples (default: 2000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the resampling (default: 0)")
+
+
 def compare_files(base: str | Path, others: Sequence[str | Path], metric: str = "nDCG@10", samples: int = 2000,
                   seed: int = 0) -> list[dict[str, Any]]:
     """One row per file of `others`: its paired change against `base` on `metric`."""
@@ -117,13 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("base", metavar="BASE.csv", help="per-query metrics of the baseline")
     parser.add_argument("others", nargs="+", metavar="OTHER.csv", help="per-query metrics of each ranker compared")
-    parser.add_argument("--metric", default="nDCG@10", help="a column of the files (default: nDCG@10)")
-    parser.add_argument("--samples", type=int, default=2000, help="bootstrap resamples (default: 2000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the resampling (default: 0)")
+    add_bootstrap_options(parser)
     parser.add_argument("--out", metavar="OUT.md", help="also write the table to this file")
     args = parser.parse_args(argv)
-    if args.samples < 1:
-        parser.error(f"--samples must be >= 1, got {args.samples}")
     text = markdown_table(compare_files(args.base, args.others, args.metric, args.samples, args.seed))
     if args.out:
         Path(args.out).write_text(text)

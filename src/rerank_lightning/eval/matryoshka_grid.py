@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 from ..data.candidates import CandidateList, load_candidate_lists
 from ..data.records import DataFormatError
-from .compare import markdown_table, paired_change
+from .compare import add_bootstrap_options, markdown_table, paired_change
 from .evaluate import per_query_metrics_for_scores
 from .rerank import default_device
 
@@ -177,11 +177,10 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
                     "with a paired bootstrap 95% interval and how many queries got better or worse.")
     parser.add_argument("base_dir", help="the grid folder to compare against (e.g. without compensation)")
     parser.add_argument("other_dir", help="the grid folder compared with it (e.g. with compensation adapters)")
-    parser.add_argument("--metric", default="nDCG@10", help="a column of per_query.csv (default: nDCG@10)")
-    parser.add_argument("--samples", type=int, default=2000, help="bootstrap resamples (default: 2000)")
+    add_bootstrap_options(parser)
     parser.add_argument("--out", help="folder for compare.csv and compare.md (default: print only)")
     args = parser.parse_args(argv)
-    rows = compare_grids(args.base_dir, args.other_dir, args.metric, args.samples)
+    rows = compare_grids(args.base_dir, args.other_dir, args.metric, args.samples, args.seed)
     changed = [r for r in rows if r["adapter"] != "-"]
     summary = (f"{len(changed)} settings use an adapter; mean change {args.metric} "
                f"{sum(r['change'] for r in changed) / max(len(changed), 1):+.4f}; interval above 0 in "
