@@ -129,9 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     per_query = per_query_metrics_for_scores(lists, scores, args.k, args.relevance_threshold, args.recall_k)
     result: dict = {name: float(values.mean()) for name, values in per_query.items()}
     result["queries"] = len(lists)
-    if skipped:
+    if skipped:  # load_beir_rerank has said so on stderr (a log warning)
         result["skipped"] = dict(skipped)
-        print(f"skipped: {', '.join(f'{n} {what}' for what, n in skipped.items())}", file=sys.stderr)
     text = json.dumps(result, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")
