@@ -35,7 +35,8 @@ def tree_rss(process: psutil.Process) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="also write {command, exit_code, seconds, peak_rss_bytes, largest_process_peak_rss_bytes} here")
+    parser.add_argument("--json", help="also write {command, exit_code, seconds, peak_rss_bytes, "
+                                       "largest_process_peak_rss_bytes} here")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
