@@ -7,7 +7,8 @@ every 50 ms with psutil; the figure README and BENCHMARKS 3c quote for `python t
 Prints one line after the command's own output, and exits with the command's exit code: exit code, wall
 time, the sampled peak of the tree, and the kernel's exact peak of the largest single process
 (getrusage's ru_maxrss, what GNU time's %M reports). The sampler can miss a peak shorter than 50 ms; the
-kernel's figure cannot, but it does not add up processes. For a single-process run (`python train.py`,
+kernel's figure cannot, but it does not add up processes (and it can start from this script's own
+15 MB, which a child holds between fork and exec). For a single-process run (`python train.py`,
 data.num_workers=0) the larger of the two is the peak.
 """
 
