@@ -478,3 +478,31 @@ def test_adapter_only_export_scores_like_the_trained_module(mistral_tokenizer, t
 
     with pytest.raises(ValueError, match="base_model"):
         export_reranker(module.lm, dm.formatter, tmp_path / "again", merge=False)
+
+
+def test_gradients_are_freed_after_each_optimizer_step_and_kept_while_accumulating(mistral_tokenizer):
+    """A full fine-tune must not hold a weights-sized gradient set through the next forward or
+    validation (Lightning zeroes gradients only before the next backward); accumulation still sums."""
+
+    class GradsHeld(L.Callback):
+        def __init__(self):
+            self.at_batch_start, self.at_validation = [], []
+
+        @staticmethod
+        def held(module):
+            return any(p.grad is not None for p in module.parameters())
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.at_batch_start.append(self.held(module))
+
+        def on_validation_start(self, trainer, module):
+            self.at_validation.append(self.held(module))
+
+    L.seed_everything(0, workers=True)
+    dm = make_datamodule(mistral_tokenizer, batch_size=2, max_records=8, max_val_queries=2)
+    module = make_module(dm, mistral_tokenizer)
+    probe = GradsHeld()
+    make_trainer(2, [probe], accumulate_grad_batches=2, limit_val_batches=1).fit(module, datamodule=dm)
+    # batches 0-1 make step 1, batches 2-3 step 2: gradients exist only between the two halves of a step
+    assert probe.at_batch_start == [False, True, False, True]
+    assert probe.at_validation and not any(probe.at_validation)

@@ -182,6 +182,12 @@ class RerankerModule(L.LightningModule):
         if self.trainer.strategy.reduce_boolean_decision(bad, all=False):  # every rank stops together
             raise NonFiniteTrainingError(self._non_finite_message(bool(losses_finite), float(norm)))
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """The step, then the gradients freed: Lightning zeroes them only before the next backward, so a
+        full fine-tune would otherwise hold a weights-sized copy through the next forward and validation."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
+
     def _non_finite_message(self, losses_finite: bool, grad_norm: float) -> str:
         what = f"gradient norm {grad_norm}" + ("" if losses_finite else " and a non-finite loss")
         causes = [f"optim.lr={self.optim_cfg['lr']} too high"]
