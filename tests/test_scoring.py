@@ -170,6 +170,19 @@ def test_lora_scores_match_naive_peft_forward(mistral_tokenizer, fmt, tiny_model
         torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
+def test_lm_head_gradient_is_not_a_view(tiny_lm, fmt):
+    """Backward yields the LM head's weight gradient as a tensor of its own, not a view: with tied
+    embeddings autograd can then add the input embedding's gradient into it in place, instead of
+    allocating one more vocabulary-sized matrix at a full fine-tune's peak (BENCHMARKS 3c). The values
+    are the head's own (test_score_matches_naive_forward)."""
+    seq = fmt.encode_pair(QUERY, PASSAGE)
+    ids, mask, _ = _batch([seq, seq[2:]], "left", fmt.pad_id)
+    weight = tiny_lm.get_output_embeddings().weight
+    logits = answer_logits(tiny_lm, ids, mask, score_positions(mask))
+    (grad,) = torch.autograd.grad(logits.logsumexp(-1).sum(), weight)
+    assert not grad._is_view()
+
+
 def test_answer_logits_gradients_flow(tiny_lm, fmt):
     seq = fmt.encode_pair(QUERY, PASSAGE)
     ids, mask, _ = _batch([seq, seq[2:]], "left", fmt.pad_id)

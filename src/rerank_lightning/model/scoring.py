@@ -69,8 +69,20 @@ def answer_label_ids(pair: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _head(lm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head on picked hidden states (tied or not), with Gemma 2's logit softcap."""
-    logits = lm.get_output_embeddings()(hidden)
+    """The LM head on picked hidden states (tied or not), with Gemma 2's logit softcap.
+
+    A plain linear head runs as (W h^T)^T: the same products as the module's h W^T (bitwise equal on
+    SmolLM2), but backward then yields W's gradient as a tensor of its own, not as a transposed view of
+    one. With tied embeddings autograd adds the input embedding's gradient into it in place; into a view
+    it cannot, and the sum is one more vocabulary-sized matrix at the end of backward (108 MiB for
+    SmolLM2, at the default run's peak).
+    """
+    head = lm.get_output_embeddings()
+    if type(head) is torch.nn.Linear:
+        logits = torch.mm(head.weight, hidden.t()).t()
+        logits = logits if head.bias is None else logits + head.bias
+    else:
+        logits = head(hidden)
     softcap = getattr(lm.config, "final_logit_softcapping", None)  # Gemma 2 caps its logits
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
