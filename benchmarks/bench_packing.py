@@ -86,13 +86,13 @@ def worker(packing: bool, size: dict) -> dict:
     start, losses = time.perf_counter(), [step(b) for b in batches[1:]]
     seconds = time.perf_counter() - start
     done.set()
-    real = sum(_real_tokens(b) for b in batches[1:])
+    real = sum(real_tokens(b) for b in batches[1:])
     shape = sum(b["pair"]["input_ids"].numel() for b in batches[1:])
     return {"tokens_per_s": real / seconds, "real_tokens": real, "row_tokens": shape, "losses": losses,
             "step_peak_mib": (peak[0] - before) / 2**20}
 
 
-def _real_tokens(batch: dict) -> int:
+def real_tokens(batch: dict) -> int:
     """Non-pad tokens: the padded mask's ones; packed rows: up to each row's last pair's answer token
     (pairs lie end to end from column 0; the answer follows the scored token)."""
     pair = batch["pair"]

@@ -125,6 +125,7 @@ def worker(name: str, layout: str, warmup: int, steps: int, dry_run: bool, work:
     import lightning as L
     import torch
 
+    from bench_packing import real_tokens  # this script's folder is on sys.path
     from rerank_lightning.model.scoring import causal_lm
     from rerank_lightning.train import build
 
@@ -174,9 +175,8 @@ def worker(name: str, layout: str, warmup: int, steps: int, dry_run: bool, work:
                     torch.cuda.reset_peak_memory_stats()
                 self.start = time.perf_counter()
             if trainer.global_step >= warmup:
-                mask = batch["pair"]["attention_mask"]
-                self.real += int(mask.sum())
-                self.fed += mask.numel()
+                self.real += real_tokens(batch)
+                self.fed += batch["pair"]["input_ids"].numel()
 
         def on_train_end(self, trainer, pl_module):
             self.sync()

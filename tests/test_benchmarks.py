@@ -50,6 +50,20 @@ def test_gpu_throughput_skips_without_cuda():
     assert len(rows) == 1 and rows[0]["status"].startswith("skipped: no CUDA")
 
 
+def test_gpu_throughput_dry_run_runs_every_case_and_layout():
+    """The GPU script gets one short run on a lent machine: its code must work before then. On CPU with
+    tiny shapes, every case (LoRA on one device; full fine-tuning through trainer=fsdp) runs padded and
+    packed, and both layouts count the same real tokens."""
+    gpu = load("gpu_throughput")
+    rows = gpu.measure(dry_run=True, warmup=1, steps=1, timeout=300)
+    assert [(row["case"], row["layout"]) for row in rows] == [(c, l) for c in gpu.CASES for l in gpu.LAYOUTS]
+    assert not [row for row in rows if "status" in row], rows
+    for name in gpu.CASES:
+        padded, packed = (row for row in rows if row["case"] == name)
+        assert padded["mean row length"] == packed["mean row length"]  # the same pairs, counted alike
+        assert packed["padding %"] < padded["padding %"]
+
+
 def test_harness_writes_tables(tmp_path, monkeypatch):
     run = load("run")
     fake = tmp_path / "bench_fake.py"
