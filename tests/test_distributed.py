@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -226,6 +227,48 @@ def test_fsdp_checkpoint_is_sharded_and_exports_on_its_own(case, launched, tmp_p
     for key, want in records[case]["run"].get("exit_scores", {}).items():
         layer, ratio = exit_setting(key)
         close(reranker.score(cases.PAIRS, exit_layer=layer, compress_ratio=ratio), want, atol=1e-5)
+
+
+class RunsACommand:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "crafted"])
+def test_a_damaged_sharded_checkpoint_is_refused_in_one_line(damage, launched, tmp_path, capsys):
+    """A sharded checkpoint copied in part or cut short by a full disk (its index and metadata intact),
+    or one whose index (a plain pickle, which torch's reader unpickles as it is) would run a command:
+    resume and export refuse it by name before loading anything, and the command never runs."""
+    import pickle
+    import shutil
+
+    from rerank_lightning.checkpoints import CheckpointError, read_checkpoint
+    from rerank_lightning.inference.export import main as export_main
+
+    out, _ = launched
+    ckpt = tmp_path / "step.ckpt"
+    shutil.copytree(out / "fsdp_full" / "run" / "checkpoints" / f"step{cases.MAX_STEPS}.ckpt", ckpt)
+    read_checkpoint(ckpt)  # whole, it passes
+    shard, marker = ckpt / "__1_0.distcp", tmp_path / "ran"
+    expected = {"truncated": "truncated: its shard file __1_0.distcp",
+                "missing": "its shard file __1_0.distcp is missing",
+                "crafted": "holds pickled Python objects (posix.system), not only checkpoint metadata: refused"}[damage]
+    if damage == "truncated":
+        with shard.open("r+b") as f:
+            f.truncate(shard.stat().st_size // 2)
+    elif damage == "missing":
+        shard.unlink()
+    else:
+        (ckpt / ".metadata").write_bytes(pickle.dumps(RunsACommand(marker)))
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        read_checkpoint(ckpt)
+    assert export_main([str(ckpt), str(tmp_path / "export")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and expected in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "export").exists() and not marker.exists()
 
 
 @pytest.mark.parametrize("case", DDP_CASES)

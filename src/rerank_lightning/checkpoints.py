@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copyreg
 import logging
 import os
 import pickle
@@ -78,6 +79,7 @@ def read_checkpoint(path: str | os.PathLike, need: Iterable[str] = LIGHTNING_KEY
             raise CheckpointError(f"{path} is truncated or not a checkpoint (a sharded checkpoint without "
                                   f"{SHARDED_INDEX})")
         checkpoint = _load(path / SHARDED_METADATA, mmap=False)
+        _check_shards(path)
     else:
         checkpoint = _load(path, mmap=mmap)
     if not isinstance(checkpoint, dict):
@@ -85,6 +87,58 @@ def read_checkpoint(path: str | os.PathLike, need: Iterable[str] = LIGHTNING_KEY
     if missing := [key for key in need if key not in checkpoint and not (key == "state_dict" and path.is_dir())]:
         raise CheckpointError(f"{path} is not a Lightning checkpoint written by train.py (no {', '.join(missing)})")
     return checkpoint
+
+
+class _ShardedIndexUnpickler(pickle.Unpickler):
+    """Unpickles a sharded checkpoint's index (torch.distributed.checkpoint's `Metadata`, a plain pickle)
+    allowing only what such an index holds: the classes of torch's checkpoint metadata, `torch.Size`,
+    dtypes, layouts and paths. Anything else is refused before it is imported or called."""
+
+    CHECKPOINT_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in self.CHECKPOINT_MODULES or module in ("torch", "pathlib", "torch.serialization"):
+            found = super().find_class(module, name)
+            if self._allowed(module, found):
+                return found
+        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+
+    def _allowed(self, module: str, found: Any) -> bool:
+        if module in self.CHECKPOINT_MODULES:
+            return isinstance(found, type) and found.__module__ == module
+        if module == "torch":
+            return found is torch.Size or isinstance(found, torch.dtype)
+        if module == "pathlib":
+            return isinstance(found, type) and issubclass(found, os.PathLike)
+        return found is copyreg.dispatch_table[torch.layout](torch.strided)[0]  # how torch pickles a layout
+
+
+def _check_shards(directory: Path) -> None:
+    """The index of a sharded checkpoint holds only checkpoint metadata (read as `_ShardedIndexUnpickler`
+    allows, before torch's own reader unpickles it as it is), and every shard file it names is there and
+    long enough for the bytes it places in it (a directory copied in part, a disk that filled up)."""
+    try:
+        with (directory / SHARDED_INDEX).open("rb") as f:
+            index = _ShardedIndexUnpickler(f).load()
+        storage = index.storage_data.values()
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        raise CheckpointError(f"{directory}/{SHARDED_INDEX} holds pickled Python objects"
+                              f"{f' ({found.group(1)})' if found else ''}, not only checkpoint metadata: refused "
+                              f"(train.py never writes such objects)") from None
+    except Exception as err:  # noqa: BLE001 - whatever else fails, the index is unusable
+        raise CheckpointError(f"{directory} is truncated or not a checkpoint ({SHARDED_INDEX} unreadable: "
+                              f"{type(err).__name__})") from None
+    needed: dict[str, int] = {}
+    for item in storage:
+        needed[item.relative_path] = max(needed.get(item.relative_path, 0), item.offset + item.length)
+    for name, size in sorted(needed.items()):
+        shard = directory / name
+        if not shard.is_file():
+            raise CheckpointError(f"{directory} is incomplete: its shard file {name} is missing")
+        if shard.stat().st_size < size:
+            raise CheckpointError(f"{directory} is truncated: its shard file {name} holds {shard.stat().st_size} "
+                                  f"bytes, its index needs {size}")
 
 
 # ---------------------------------------------------------------- writing

@@ -1,6 +1,6 @@
 """Export (SPEC 9): a Hugging Face directory with merged weights (or a LoRA adapter), tokenizer and recipe.
 
-From a Lightning checkpoint: `python -m rerank_lightning.inference.export CHECKPOINT OUT_DIR [--adapter-only]`.
+From a Lightning checkpoint: `rerank-lightning export CHECKPOINT OUT_DIR [--adapter-only]`.
 """
 
 from __future__ import annotations
