@@ -365,7 +365,7 @@ def test_per_query_metrics_for_candidate_lists_and_their_mean():
     count that does not match the candidates is refused instead of silently misaligned."""
     from rerank_lightning.data.candidates import CandidateList
     from rerank_lightning.eval.evaluate import metrics_for_scores, per_query_metrics_for_scores
-    from rerank_lightning.eval.rerank import default_device
+    from rerank_lightning.inference.reranker import default_device
 
     lists = [CandidateList("a", "q1", ("d1", "d2"), ("t1", "t2"), (0, 1)),
              CandidateList("b", "q2", ("d3", "d4", "d5"), ("t3", "t4", "t5"), (1, 0, 0))]

@@ -34,9 +34,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    import torch
+    from ..inference.reranker import default_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     try:
         check_records(args.input)  # a bad record fails before the model loads
         scorer = load_teacher(args.teacher, args.kind, args.prompt, args.batch_size, device=device)

@@ -29,7 +29,6 @@ from ..data.candidates import CandidateList, load_candidate_lists
 from ..data.records import DataFormatError
 from .compare import add_bootstrap_options, markdown_table, paired_change
 from .evaluate import per_query_metrics_for_scores
-from .rerank import default_device
 
 
 def pair_cost(length: int, query_length: int, prompt_length: int, exit_layer: int, compress_layers: Sequence[int],
@@ -231,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-compensation", action="store_true",
                         help="ignore compensation adapters: the stage-1 model at every setting")
     args = parser.parse_args(argv)
-    reranker = Reranker.from_pretrained(args.model_dir, device=default_device(args.device), batch_size=args.batch_size)
+    reranker = Reranker.from_pretrained(args.model_dir, device=args.device, batch_size=args.batch_size)
     if reranker.heads is None:
         parser.error(f"{args.model_dir} is not a Matryoshka export (no layer-wise heads)")
     if args.no_compensation:

@@ -17,11 +17,6 @@ from ..data.candidates import CandidateList, load_beir_rerank
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def default_device(name: str | None = None) -> torch.device:
-    """The device named, else the first GPU when there is one, else the CPU."""
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def add_reranker_options(parser: argparse.ArgumentParser) -> None:
     """--batch-size, --device and --dtype: how a command runs an exported reranker (`load_reranker`)."""
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per forward pass (default: 16)")
@@ -34,7 +29,7 @@ def load_reranker(model_dir: str | Path, args: argparse.Namespace):
     """The export at `model_dir`, run as `add_reranker_options`' arguments say."""
     from ..inference import Reranker
 
-    return Reranker.from_pretrained(model_dir, device=default_device(args.device), dtype=DTYPES[args.dtype],
+    return Reranker.from_pretrained(model_dir, device=args.device, dtype=DTYPES[args.dtype],
                                     batch_size=args.batch_size)
 
 

@@ -16,6 +16,11 @@ from ..model.scoring import answer_logits, score_positions
 from .export import FORMAT_VERSION, RECIPE_FILE
 
 
+def default_device(name: str | torch.device | None = None) -> torch.device:
+    """The device named, else the first GPU when there is one, else the CPU."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 class Reranker:
     """Scores pairs with the exported model: the "Yes" logit after the recipe's prompt.
 
@@ -57,7 +62,7 @@ class Reranker:
             raise FormatConfigError(f"{recipe_path}: expected a JSON object, got {type(recipe).__name__}")
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = default_device(device)
         if recipe.get("format_version") != FORMAT_VERSION or recipe.get("recipe") not in FORMATTERS:
             raise FormatConfigError(f"{recipe_path}: unsupported recipe {recipe.get('recipe')!r} version "
                                     f"{recipe.get('format_version')!r} (this version reads format_version "
