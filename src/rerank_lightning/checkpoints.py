@@ -44,6 +44,14 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------- reading
 
 
+def _refused(path: Path, err: pickle.UnpicklingError, allowed: str, how: str = "") -> CheckpointError:
+    """The one-line error for a pickle that needs more than `allowed`, naming the global it asked for."""
+    found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(err))
+    what = f" ({found.group(1)})" if found else ""
+    return CheckpointError(f"{path} holds pickled Python objects{what}, not only {allowed}: refused "
+                           f"({how}train.py never writes such objects)")
+
+
 def _load(path: Path, mmap: bool) -> Any:
     """`torch.load` that runs no pickled code, with one-line errors for files that are not checkpoints."""
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its index is at the end of the file
@@ -51,11 +59,7 @@ def _load(path: Path, mmap: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(err))
-        what = f" ({found.group(1)})" if found else ""
-        raise CheckpointError(f"{path} holds pickled Python objects{what}, not only tensors and plain containers: "
-                              f"refused (checkpoints are read with weights_only=True; train.py never writes such "
-                              f"objects)") from None
+        raise _refused(path, err, "tensors and plain containers", "checkpoints are read with weights_only=True; ") from None
     except (RuntimeError, OSError, EOFError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{path} is truncated or not a checkpoint ({reason})") from None
@@ -122,10 +126,7 @@ def _check_shards(directory: Path) -> None:
             index = _ShardedIndexUnpickler(f).load()
         storage = index.storage_data.values()
     except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        raise CheckpointError(f"{directory}/{SHARDED_INDEX} holds pickled Python objects"
-                              f"{f' ({found.group(1)})' if found else ''}, not only checkpoint metadata: refused "
-                              f"(train.py never writes such objects)") from None
+        raise _refused(directory / SHARDED_INDEX, err, "checkpoint metadata") from None
     except Exception as err:  # noqa: BLE001 - whatever else fails, the index is unusable
         raise CheckpointError(f"{directory} is truncated or not a checkpoint ({SHARDED_INDEX} unreadable: "
                               f"{type(err).__name__})") from None
