@@ -15,12 +15,14 @@ timed from the first step after the warm-up to the end of fit with CUDA synchron
   random lengths, so that `padded` rows carry padding; `packed` adds `data.packing=true` where the
   checkout has that option (else that row says so). Query <= 32 and passage <= 256 tokens (L <= 288).
 
-Definitions (per GPU, real tokens = attention-mask ones; padded tokens/s counts the rows as fed):
+Definitions (per GPU; real tokens = the pairs' tokens, the padded rows' attention-mask ones; computed tokens
+= the non-padding tokens the model runs, fewer than real where packed pairs share their query prefix;
+fed tokens/s counts the rows as fed, padding included):
 - N = non-embedding parameters (decoder layers + final norm; the LM head runs on one position per
   row), N_lora = adapter parameters; attention = 12 * layers * hidden * L per token (scores and context,
   forward and backward), L = the mean real length of a row.
 - FLOPs per token: full fine-tune 6N + attention; LoRA 4N + 6 N_lora + attention (no weight gradients
-  of the frozen base). MFU = real tokens/s per GPU * FLOPs per token / peak; "MFU 6N" uses 6N + attention
+  of the frozen base). MFU = computed tokens/s per GPU * FLOPs per token / peak; "MFU 6N" uses 6N + attention
   for LoRA too. Recomputation by checkpointing is not counted (it is hardware, not model, FLOPs).
   Peak = `--peak-tflops`, else $BENCH_PEAK_TFLOPS, else 989 TFLOP/s (H100/H200 SXM bf16 dense).
 - peak memory = `torch.cuda.max_memory_allocated()` from the first timed step to the end, max over
@@ -125,7 +127,7 @@ def worker(name: str, layout: str, warmup: int, steps: int, dry_run: bool, work:
     import lightning as L
     import torch
 
-    from bench_packing import real_tokens  # this script's folder is on sys.path
+    from bench_packing import computed_tokens, real_tokens  # this script's folder is on sys.path
     from rerank_lightning.model.scoring import causal_lm
     from rerank_lightning.train import build
 
@@ -158,9 +160,9 @@ def worker(name: str, layout: str, warmup: int, steps: int, dry_run: bool, work:
     datamodule, module, trainer = build(job)
 
     class Throughput(L.Callback):
-        """Real and fed tokens, time and peak memory from the first step after the warm-up."""
+        """Real, computed and fed tokens, time and peak memory from the first step after the warm-up."""
 
-        real = fed = 0
+        real = computed = fed = 0
         start = elapsed = 0.0
 
         def sync(self) -> None:
@@ -176,6 +178,7 @@ def worker(name: str, layout: str, warmup: int, steps: int, dry_run: bool, work:
                 self.start = time.perf_counter()
             if trainer.global_step >= warmup:
                 self.real += real_tokens(batch)
+                self.computed += computed_tokens(batch)
                 self.fed += batch["pair"]["input_ids"].numel()
 
         def on_train_end(self, trainer, pl_module):
@@ -193,7 +196,8 @@ def worker(name: str, layout: str, warmup: int, steps: int, dry_run: bool, work:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    counts = torch.tensor([meter.real, meter.fed], dtype=torch.float64, device=trainer.strategy.root_device)
+    counts = torch.tensor([meter.real, meter.computed, meter.fed], dtype=torch.float64,
+                          device=trainer.strategy.root_device)
     counts = trainer.strategy.reduce(counts, reduce_op="sum")
     peak = trainer.strategy.all_gather(torch.tensor(float(peak), device=trainer.strategy.root_device)).max()
     if not trainer.is_global_zero:
@@ -202,13 +206,14 @@ def worker(name: str, layout: str, warmup: int, steps: int, dry_run: bool, work:
     n_params = sum(p.numel() for n, p in base.named_parameters()
                    if "embed_tokens" not in n and "lm_head" not in n and "lora_" not in n)
     n_lora = sum(p.numel() for n, p in base.named_parameters() if "lora_" in n)
-    real, fed = (float(c) for c in counts)
+    real, computed, fed = (float(c) for c in counts)
     pairs = steps * batch * GROUP * trainer.world_size
     result = {
         "case": name, "layout": layout, "device": torch.cuda.get_device_name() if cuda else "cpu (dry run)",
         "ranks": trainer.world_size, "strategy": type(trainer.strategy).__name__, "precision": job.trainer.precision,
         "lora": n_lora > 0, "gradient_checkpointing": bool(job.model.gradient_checkpointing) or "fsdp" in str(
-            job.trainer.strategy), "steps": steps, "elapsed_s": meter.elapsed, "real_tokens": real, "fed_tokens": fed,
+            job.trainer.strategy), "steps": steps, "elapsed_s": meter.elapsed, "real_tokens": real,
+        "computed_tokens": computed, "fed_tokens": fed,
         "mean_row_length": real / pairs, "n_params": n_params, "n_lora": n_lora,
         "layers": shape["num_hidden_layers"], "hidden": shape["hidden_size"], "peak_bytes": float(peak),
         "memory_kind": "cuda max_memory_allocated" if cuda else "cpu peak RSS (dry run)",
@@ -232,11 +237,12 @@ def row_from(res: dict, peak_tflops: float) -> dict:
     if "status" in res:
         return {**row, "status": res["status"]}
     gpus = max(res["ranks"], 1)
-    per_gpu = res["real_tokens"] / res["elapsed_s"] / gpus
+    computed = res.get("computed_tokens", res["real_tokens"])  # results written before computed_tokens existed
+    per_gpu = computed / res["elapsed_s"] / gpus  # the FLOPs done, not the pairs' tokens
     model, six_n = flops_per_token(res)
     return {**row, "device": res["device"], "ranks": res["ranks"], "strategy": res["strategy"],
             "step s": res["elapsed_s"] / res["steps"], "real tokens/s": res["real_tokens"] / res["elapsed_s"],
-            "fed tokens/s": res["fed_tokens"] / res["elapsed_s"], "padding %": 100 * (1 - res["real_tokens"] / res["fed_tokens"]),
+            "fed tokens/s": res["fed_tokens"] / res["elapsed_s"], "padding %": 100 * (1 - computed / res["fed_tokens"]),
             "mean row length": res["mean_row_length"], "MFU %": 100 * per_gpu * model / (peak_tflops * 1e12),
             "MFU % (6N)": 100 * per_gpu * six_n / (peak_tflops * 1e12), "peak mem GiB": res["peak_bytes"] / 2**30,
             "memory": res["memory_kind"], "N (non-emb) M": res["n_params"] / 1e6, "N_lora M": res["n_lora"] / 1e6,

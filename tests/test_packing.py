@@ -9,10 +9,11 @@ import transformers
 from conftest import ROOT, TINY_MODEL
 from rerank_lightning.data import RerankCollator, RerankDataModule
 from rerank_lightning.data.formatting import FormatConfigError
-from rerank_lightning.data.instruction import pack_pairs, pack_rows, pad_batch
+from rerank_lightning.data.instruction import pad_batch
+from rerank_lightning.data.packing import balanced_rows, pack_pairs, pack_rows
 from rerank_lightning.model import RerankerModule, answer_logits, score_positions
 from rerank_lightning.model.losses import listwise_ce
-from rerank_lightning.model.scoring import answer_label_ids, packed_answer_logits, packed_order
+from rerank_lightning.model.scoring import answer_label_ids, packed_answer_logits, packed_attention_mask, packed_order
 
 ATOL = 1e-5
 SAMPLE = ROOT / "data" / "sample"
@@ -62,6 +63,15 @@ def test_pack_rows_places_every_pair_once_within_the_budget():
     assert pack_rows([30, 5], budget=24) == [[0], [1]]  # a pair longer than the budget gets its own row
 
 
+def test_balanced_rows_keep_the_row_count_and_even_out_the_rows():
+    lengths = [100, 90, 60, 50]  # first fit at 256: [100, 90, 60] and [50], padded to 250 + 250
+    assert pack_rows(lengths, budget=256) == [[0, 1, 2], [3]]
+    rows = balanced_rows(lengths, budget=256)
+    assert len(rows) == 2 and max(sum(lengths[i] for i in row) for row in rows) == 150
+    # a group's prefix (10 tokens) counts once per row that holds the group
+    assert pack_rows([30, 30, 30], budget=50, groups=[0, 0, 0], prefix={0: 10}) == [[0, 1], [2]]
+
+
 def test_packed_rows_hold_each_pair_with_restarting_positions_and_its_score_token():
     seqs = random_pairs(LENGTHS)
     labels = [[-100] * (n - 1) + [YES if i == 0 else NO] for i, n in enumerate(LENGTHS)]
@@ -106,6 +116,83 @@ def test_packed_scores_would_differ_if_pairs_saw_each_other():
     assert (right - leaky).abs().max() > 1e-2
 
 
+def group_pairs(prefix_len=7, lengths=LENGTHS, n_groups=2, seed=3):
+    """`n_groups` groups of pairs that begin with their group's `prefix_len` tokens (a query), then differ."""
+    g = torch.Generator().manual_seed(seed)
+    seqs, groups = [], []
+    for k in range(n_groups):
+        prefix = torch.randint(3, 100, (prefix_len,), generator=g).tolist()
+        for n in lengths:
+            seqs.append(prefix + torch.randint(3, 100, (n,), generator=g).tolist())
+            groups.append(k)
+    return seqs, groups
+
+
+def test_shared_prefix_rows_hold_a_groups_prefix_once_per_row():
+    seqs, groups = group_pairs()
+    labels = [[-100] * (len(s) - 1) + [YES] for s in seqs]
+    score_at = [len(s) - 2 for s in seqs]
+    packed = pack_pairs(seqs, score_at, pad_value=0, budget=48, multiple=8, labels=labels, groups=groups)
+    ids, pos, scored, owner = packed["input_ids"], packed["position_ids"], packed["scored_pair"], packed["pair_ids"]
+    plain = pack_pairs(seqs, score_at, pad_value=0, budget=48, multiple=8)
+    assert "pair_ids" not in plain
+    assert int((owner >= 0).sum()) == sum(len(s) - 7 for s in seqs)  # each pair's own tokens once
+    ends = [int((row >= 0).nonzero()[-1, 0]) + 1 for row in owner]  # a row's trailing padding starts there
+    prefix_tokens = sum(int((row[:end] == -1).sum()) for row, end in zip(owner, ends))
+    assert prefix_tokens % 7 == 0 and 2 <= prefix_tokens // 7 <= len(seqs) // 2  # 16 pairs, 2 groups: 8 copies
+    assert (ids.shape[1] <= 48) and sum(ends) == prefix_tokens + sum(len(s) - 7 for s in seqs) < sum(map(len, seqs))
+    for i, seq in enumerate(seqs):
+        r, c = (scored == i).nonzero()[0].tolist()
+        mine = (owner[r] == i).nonzero()[:, 0]
+        start = int(mine[0])
+        head = (pos[r, :start] == 0).nonzero()[-1, 0]  # the chunk this pair sits in starts there
+        assert ids[r, head : head + 7].tolist() == seq[:7] and (owner[r, head : head + 7] == -1).all()
+        assert ids[r, mine].tolist() == seq[7:] and pos[r, mine].tolist() == list(range(7, len(seq)))
+        assert c == start + score_at[i] - 7
+    assert answer_label_ids(packed).tolist() == [YES] * len(seqs)
+    # a group of one, or pairs with nothing in common, share nothing
+    assert "pair_ids" not in pack_pairs(seqs[:1], score_at[:1], pad_value=0, groups=[0])
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_shared_prefix_scores_equal_padded_scores(arch):
+    """The prefix (7 tokens) is longer than the sliding windows (5): windowed layers must cut across it."""
+    lm = make_lm(arch)
+    seqs, groups = group_pairs()
+    ids = pad_batch(seqs, 0, "left", 8)
+    mask = pad_batch([[1] * len(s) for s in seqs], 0, "left", 8)
+    packed = pack_pairs(seqs, [len(s) - 1 for s in seqs], pad_value=0, budget=48, multiple=8, groups=groups)
+    assert "pair_ids" in packed
+    with torch.no_grad():
+        padded = answer_logits(lm, ids, mask, score_positions(mask))
+        got = packed_answer_logits(lm, packed["input_ids"], packed["position_ids"], packed["scored_pair"],
+                                   packed["pair_ids"])[packed_order(packed["scored_pair"])]
+    torch.testing.assert_close(got, padded, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_shared_prefix_scores_would_differ_if_pairs_saw_each_other(arch):
+    """Guard for the check above: if a chunk's pairs all saw each other, scores change."""
+    lm = make_lm(arch)
+    seqs, groups = group_pairs()
+    packed = pack_pairs(seqs, [len(s) - 1 for s in seqs], pad_value=0, budget=48, multiple=8, groups=groups)
+    args = (lm, packed["input_ids"], packed["position_ids"], packed["scored_pair"])
+    with torch.no_grad():
+        right = packed_answer_logits(*args, packed["pair_ids"])
+        leaky = packed_answer_logits(*args, torch.full_like(packed["pair_ids"], -1))
+    assert (right - leaky).abs().max() > 1e-2
+
+
+def test_shared_prefix_refuses_attention_that_takes_no_mask():
+    lm = make_lm("llama")
+    lm.set_attn_implementation("flex_attention")
+    seqs, groups = group_pairs()
+    packed = pack_pairs(seqs, [len(s) - 1 for s in seqs], pad_value=0, budget=48, multiple=8, groups=groups)
+    with pytest.raises(ValueError, match="need attn_implementation sdpa or eager, not 'flex_attention'; "
+                                         "set data.share_query_prefix=false"):
+        packed_attention_mask(lm, packed["position_ids"], packed["pair_ids"])
+
+
 # ---------------------------------------------------------------- the training module
 
 
@@ -113,10 +200,10 @@ def groups(n_groups=3, size=4, seed=2):
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n_groups):
-        group = []
+        group, query = [], torch.randint(3, 30000, (6,), generator=g).tolist()  # the group's shared prefix
         for j in range(size):
             n = int(torch.randint(8, 40, (1,), generator=g))
-            ids = torch.randint(3, 30000, (n,), generator=g).tolist() + [YES if j == 0 else NO]
+            ids = query + torch.randint(3, 30000, (n - 6,), generator=g).tolist() + [YES if j == 0 else NO]
             group.append({"input_ids": ids, "attention_mask": [1] * len(ids),
                           "labels": [-100] * n + [ids[-1]]})
         out.append(group)
@@ -136,6 +223,9 @@ def test_packed_batch_gives_the_padded_loss_and_gradients(mistral_tokenizer, mic
     padded = RerankCollator(mistral_tokenizer)(features)
     packed = RerankCollator(mistral_tokenizer, packing=True, packed_length=64)(features)
     assert packed["pair"]["input_ids"].numel() < padded["pair"]["input_ids"].numel()
+    assert (packed["pair"]["pair_ids"] == -1).any()  # the groups' prefixes are shared
+    unshared = RerankCollator(mistral_tokenizer, packing=True, packed_length=64, share_query_prefix=False)(features)
+    assert "pair_ids" not in unshared["pair"]
     results = []
     for batch in (padded, packed):
         module = tiny_module(micro_batch_size)
@@ -162,13 +252,17 @@ class LossRecorder(L.Callback):
 
 
 def test_packed_training_run_logs_the_padded_losses_and_metrics(mistral_tokenizer):
-    """`data.packing=true` end to end: same losses, trained weights and validation metrics as padded rows."""
+    """`data.packing=true` end to end: same losses, trained weights and validation metrics as padded rows
+    (real records: each group's `[BOS] A: query \\n B:` is held once per row)."""
     runs = []
     for packing in (False, True):
         dm = RerankDataModule(mistral_tokenizer, train_data=str(SAMPLE / "train.jsonl"),
                               val_data=str(SAMPLE / "val_candidates.jsonl"), train_group_size=4, passage_max_len=64,
                               max_example_num_per_dataset=8, max_val_queries=4, batch_size=2, val_batch_size=16,
                               seed=0, cache_dir=None, packing=packing)
+        if packing:
+            dm.setup("fit")
+            assert "pair_ids" in next(iter(dm.train_dataloader()))["pair"]
         module = RerankerModule(TINY_MODEL, dm.formatter.yes_id, dm.formatter.no_id, len(mistral_tokenizer),
                                 optim={"lr": 1e-3, "warmup": 0}, loss={"objective": "listwise"})
         recorder = LossRecorder()

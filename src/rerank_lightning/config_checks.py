@@ -26,6 +26,7 @@ RANGES: dict[str, tuple[bool, float, bool]] = {
     "data.val_batch_size": (True, 1, False),
     "data.query_max_len": (True, 1, False),
     "data.passage_max_len": (True, 1, False),
+    "data.packed_length": (True, 1, False),
     "metrics.k": (True, 1, False),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -60,6 +61,12 @@ def check_config(cfg: DictConfig) -> None:
         loss_config(OmegaConf.to_container(cfg.loss, resolve=True) if cfg.get("loss") else None)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    attn = OmegaConf.select(cfg, "model.attn_implementation", default=None)
+    shared = OmegaConf.select(cfg, "data.packing", default=False) and OmegaConf.select(
+        cfg, "data.share_query_prefix", default=True)
+    if shared and attn not in (None, "sdpa", "eager"):
+        raise ConfigError(f"data.share_query_prefix=true needs model.attn_implementation sdpa or eager (its rows take "
+                          f"an attention mask), got {attn!r}; set data.share_query_prefix=false")
     if cfg.get("matryoshka"):
         lora = bool(OmegaConf.select(cfg, "model.lora.enabled", default=False))
         try:

@@ -26,7 +26,8 @@ class RerankDataModule(L.LightningDataModule):
     `recipe` picks the formatter, dataset and collator: `instruction` (SPEC 3) or `matryoshka` (SPEC 4).
     `prompt` / `padding_side` None: the recipe's default (padding: left for instruction, right for
     matryoshka); `cache_dir=None` keeps pre-tokenised records in memory only. `packing` packs the pairs
-    of a batch into rows of at most `packed_length` tokens.
+    of a batch into rows of at most `packed_length` tokens, each group's common prefix (the query) held once
+    per row unless `share_query_prefix` is false (`packing.py`).
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class RerankDataModule(L.LightningDataModule):
         cache_dir: str | None = default_cache_dir(),
         packing: bool = False,
         packed_length: int = 256,
+        share_query_prefix: bool = True,
     ):
         super().__init__()
         if recipe not in RECIPES:
@@ -80,7 +82,8 @@ class RerankDataModule(L.LightningDataModule):
         )
         self.formatter = self.args.formatter(tokenizer)  # validates lengths and Yes/No tokens now
         collate = (tokenizer, query_max_len, passage_max_len, pad_to_multiple_of, self.args.padding_side)
-        packed = {"packing": packing, "packed_length": packed_length} if packing else {}
+        packed = ({"packing": packing, "packed_length": packed_length, "share_query_prefix": share_query_prefix}
+                  if packing else {})
         self.collator = self._recipe_module.RerankCollator(*collate, **packed)  # training groups
         self.pair_collator = instruction.RerankCollator(*collate, **packed)  # validation pairs
         if val_data and val_beir:

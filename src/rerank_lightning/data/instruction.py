@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
@@ -11,10 +10,10 @@ import numpy as np
 import torch
 
 from .formatting import DEFAULT_PROMPT, PairFormatter, pad_token_id
+from .packing import IGNORE_INDEX, pack_pairs, score_token_index
 from .padding import pad_batch, real_token_mask
 from .tokenized import PretokenizedGroups, default_cache_dir
 
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -89,77 +88,15 @@ def _labelled_last_only(labels: Sequence[Any], lengths: list[int], ignore: int) 
             and _counts(labels, ignore) == [n - 1 for n in lengths] and ignore not in [row[-1] for row in labels])
 
 
-def pack_rows(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """First-fit decreasing: the pair indices of each row, a row's lengths summing to at most `budget`
-    (a pair longer than the budget gets a row of its own)."""
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        for r, free in enumerate(room):
-            if lengths[i] <= free:
-                rows[r].append(i)
-                room[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            room.append(budget - lengths[i])
-    return rows
-
-
-def pack_pairs(sequences: Sequence[Sequence[int]], score_at: Sequence[int], pad_value: int,
-               budget: int = 256, multiple: int | None = 8,
-               labels: Sequence[Sequence[int]] | None = None, label_pad: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:
-    """Pairs packed into as few rows of at most `budget` tokens as first-fit decreasing finds, rows
-    right-padded to a common width (a multiple of `multiple`).
-
-    `position_ids` restart at 0 for each pair (and for a row's trailing padding): with no attention mask,
-    transformers reads them as packed sequences and keeps attention within each pair (a block-diagonal
-    causal mask for sdpa/eager, varlen kernels for flash attention). `scored_pair` [R, W] holds pair i's
-    index at its score token `score_at[i]` (the token that predicts the answer), -1 elsewhere.
-    """
-    lengths = [len(seq) for seq in sequences]
-    rows = pack_rows(lengths, budget)
-    width = max(sum(lengths[i] for i in row) for row in rows)
-    if multiple:
-        width = math.ceil(width / multiple) * multiple
-    input_ids = np.full((len(rows), width), pad_value, dtype=np.int64)
-    position_ids = np.zeros((len(rows), width), dtype=np.int64)
-    scored_pair = np.full((len(rows), width), -1, dtype=np.int64)
-    packed_labels = np.full((len(rows), width), label_pad, dtype=np.int64) if labels is not None else None
-    for r, row in enumerate(rows):
-        start = 0
-        for i in row:
-            stop = start + lengths[i]
-            input_ids[r, start:stop] = sequences[i]
-            position_ids[r, start:stop] = np.arange(lengths[i])
-            scored_pair[r, start + score_at[i]] = i
-            if packed_labels is not None:
-                packed_labels[r, start:stop] = labels[i]
-            start = stop
-        position_ids[r, start:] = np.arange(width - start)
-    out = {"input_ids": input_ids, "position_ids": position_ids, "scored_pair": scored_pair}
-    if packed_labels is not None:
-        out["labels"] = packed_labels
-    return {k: torch.from_numpy(v) for k, v in out.items()}
-
-
-def score_token_index(length: int, labels: Sequence[int] | None, ignore: int = IGNORE_INDEX) -> int:
-    """Where a pair's score is read: before its single labelled token, else at its last token (SPEC 3)."""
-    if labels is None:
-        return length - 1
-    if labels[-1] != ignore:
-        return length - 2
-    return int(np.flatnonzero(np.asarray(labels) != ignore)[0]) - 1
-
-
 @dataclass
 class RerankCollator:
     """B groups -> `{"pair": {input_ids, attention_mask, labels}, "group_size", "teacher_scores", "grades"}` (SPEC 5).
 
     Rows are query-major: group b is rows b*G .. b*G+G-1. `teacher_scores` is [B, G] (NaN for a
     group whose record has none) and present only when some group has scores.
-    With `packing`, `pair` is `pack_pairs`' rows instead ({input_ids, position_ids, scored_pair, labels}:
-    no padding between pairs, scores come back in the same query-major order).
+    With `packing`, `pair` is `packing.pack_pairs`' rows instead ({input_ids, position_ids, scored_pair, labels,
+    and pair_ids where a group's pairs share a prefix}: no padding between pairs, each group's common prefix
+    once per row unless `share_query_prefix` is false; scores come back in the same query-major order).
     """
 
     tokenizer: Any = None
@@ -171,6 +108,7 @@ class RerankCollator:
     return_tensors: str = "pt"
     packing: bool = False
     packed_length: int = 256  # tokens per packed row (a longer pair gets a row of its own)
+    share_query_prefix: bool = True  # packed rows hold a group's common prefix once (data.packing)
     pad_id: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -185,7 +123,7 @@ class RerankCollator:
             raise ValueError(f"all groups in a batch must have the same size, got sizes {sorted(sizes)}")
         flat = [enc for g in groups for enc in g]
         if self.packing:
-            return self._with_scores(groups, flat, {"pair": self._packed(flat), "group_size": sizes.pop()})
+            return self._with_scores(groups, flat, {"pair": self._packed(flat, len(groups)), "group_size": sizes.pop()})
         side, multiple = self.padding_side, self.pad_to_multiple_of
         ids = [e["input_ids"] for e in flat]
         pair = {"input_ids": pad_batch(ids, self.pad_id, side, multiple)}
@@ -209,14 +147,16 @@ class RerankCollator:
                 pair["labels"] = pad_batch(labels, ignore, side, multiple)
         return self._with_scores(groups, flat, {"pair": pair, "group_size": sizes.pop()})
 
-    def _packed(self, flat: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def _packed(self, flat: list[dict[str, Any]], n_groups: int) -> dict[str, torch.Tensor]:
         ids = [e["input_ids"] for e in flat]
         labels = [e["labels"] for e in flat] if "labels" in flat[0] else None
         if any(0 in e["attention_mask"] for e in flat):
             raise ValueError("packing needs unpadded pairs (attention masks of ones)")
         ignore = self.label_pad_token_id
         score_at = [score_token_index(len(i), lab, ignore) for i, lab in zip(ids, labels or [None] * len(ids))]
-        return pack_pairs(ids, score_at, self.pad_id, self.packed_length, self.pad_to_multiple_of, labels, ignore)
+        size = len(flat) // n_groups if self.share_query_prefix else 1
+        return pack_pairs(ids, score_at, self.pad_id, self.packed_length, self.pad_to_multiple_of, labels, ignore,
+                          groups=[k // size for k in range(len(flat))])
 
     @staticmethod
     def _with_scores(groups: list[list[dict[str, Any]]], flat: list[dict[str, Any]],

@@ -121,11 +121,11 @@ class RerankerModule(L.LightningModule):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                scored_pair: torch.Tensor | None = None) -> torch.Tensor:
+                scored_pair: torch.Tensor | None = None, pair_ids: torch.Tensor | None = None) -> torch.Tensor:
         """[N, V] next-token logits at `positions` (packed rows: at `scored_pair`, row-major). Scoring goes
         through this forward so that a root-level FSDP wrapper gathers the embeddings and LM head around it."""
         if scored_pair is not None:
-            return packed_answer_logits(self.lm, input_ids, position_ids, scored_pair)
+            return packed_answer_logits(self.lm, input_ids, position_ids, scored_pair, pair_ids)
         return answer_logits(self.lm, input_ids, attention_mask, positions)
 
     @property
@@ -137,7 +137,7 @@ class RerankerModule(L.LightningModule):
         """[N, V] logits of the answer token for each pair of a collated `pair` (padded or packed rows)."""
         recompute = self.training and torch.is_grad_enabled()
         if "scored_pair" in pair:  # data.packing: micro-batches count packed rows
-            rows = {k: pair[k] for k in ("input_ids", "position_ids", "scored_pair")}
+            rows = {k: pair[k] for k in ("input_ids", "position_ids", "scored_pair", "pair_ids") if k in pair}
             return micro_batched(self, rows, self.micro_batch_size, recompute)[packed_order(pair["scored_pair"])]
         rows = {"input_ids": pair["input_ids"], "attention_mask": pair["attention_mask"],
                 "positions": score_positions(pair["attention_mask"], pair.get("labels"))}

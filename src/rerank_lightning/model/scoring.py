@@ -40,18 +40,61 @@ def answer_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
 
 
 def packed_answer_logits(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                         scored_pair: torch.Tensor) -> torch.Tensor:
-    """[N, V] next-token logits at the score tokens of packed rows (`data.instruction.pack_pairs`), in
+                         scored_pair: torch.Tensor, pair_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, V] next-token logits at the score tokens of packed rows (`data.packing.pack_pairs`), in
     row-major order (`packed_order` puts them back in pair order).
 
-    No attention mask: transformers then reads the restarting `position_ids` as packed sequences and
-    keeps attention within each pair, so every score equals the padded path's.
+    Without `pair_ids` (one pair per chunk) there is no attention mask: transformers reads the restarting
+    `position_ids` as packed sequences and keeps attention within each pair. With them (groups sharing
+    their prefix), `packed_attention_mask` does. Either way every score equals the padded path's.
     """
     lm = causal_lm(model)
+    mask = None if pair_ids is None else packed_attention_mask(lm, position_ids, pair_ids)
     hidden = lm.get_decoder()(
-        input_ids=input_ids, attention_mask=None, position_ids=position_ids, use_cache=False
+        input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
     return _head(lm, hidden[scored_pair >= 0])
+
+
+def packed_attention_mask(lm: torch.nn.Module, position_ids: torch.Tensor,
+                          pair_ids: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The attention masks of rows whose chunks share a prefix ([R, 1, W, W]: True / 0 where a token may look).
+
+    A chunk starts where the position ids restart at 0; within it a token sees the earlier tokens of its
+    own pair and of the shared prefix (`pair_ids` -1), and, in sliding-window layers, only those fewer
+    than the window behind it in its own pair's positions. Models with `layer_types` get one mask per
+    type, as their forward takes them; others one mask (windowed if the model has a window: Mistral).
+    sdpa takes boolean masks, eager additive ones; flash and flex attention take neither.
+    """
+    config = lm.config
+    impl = config._attn_implementation
+    if impl not in ("sdpa", "eager"):
+        raise ValueError(f"packed rows with shared query prefixes need attn_implementation sdpa or eager, "
+                         f"not {impl!r}; set data.share_query_prefix=false (pairs then pack one to a chunk)")
+    column = torch.arange(position_ids.shape[1], device=position_ids.device)
+    chunk = (position_ids == 0).cumsum(-1)
+    allowed = ((column[:, None] >= column[None, :])
+               & (chunk[:, :, None] == chunk[:, None, :])
+               & ((pair_ids[:, :, None] == pair_ids[:, None, :]) | (pair_ids[:, None, :] < 0)))
+    window = getattr(config, "sliding_window", None)
+    windowed = allowed & (position_ids[:, :, None] - position_ids[:, None, :] < window) if window else allowed
+
+    def as_mask(keep: torch.Tensor) -> torch.Tensor:
+        if impl == "sdpa":
+            return keep[:, None]
+        dtype = lm.get_input_embeddings().weight.dtype
+        additive = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+        return additive.masked_fill(~keep, torch.finfo(dtype).min)[:, None]
+
+    layer_types = getattr(config, "layer_types", None)
+    if not layer_types:
+        return as_mask(windowed)
+    masks = {"full_attention": allowed, "sliding_attention": windowed}
+    unknown = set(layer_types) - set(masks)
+    if unknown:
+        raise ValueError(f"packed rows with shared query prefixes support full and sliding-window attention layers, "
+                         f"not {sorted(unknown)}; set data.share_query_prefix=false")
+    return {kind: as_mask(masks[kind]) for kind in set(layer_types)}
 
 
 def packed_order(scored_pair: torch.Tensor) -> torch.Tensor:
