@@ -15,7 +15,6 @@ from .padding import pad_batch, real_token_mask
 from .tokenized import PretokenizedGroups, default_cache_dir
 
 
-
 @dataclass
 class DataArguments:
     """FlagEmbedding's data arguments (same names and defaults) plus this project's extras."""
