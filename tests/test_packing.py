@@ -150,7 +150,7 @@ def test_shared_prefix_rows_hold_a_groups_prefix_once_per_row():
         assert ids[r, mine].tolist() == seq[7:] and pos[r, mine].tolist() == list(range(7, len(seq)))
         assert c == start + score_at[i] - 7
     assert answer_label_ids(packed).tolist() == [YES] * len(seqs)
-    # a group of one, or pairs with nothing in common, share nothing
+    # a group of one shares nothing
     assert "pair_ids" not in pack_pairs(seqs[:1], score_at[:1], pad_value=0, groups=[0])
 
 
@@ -223,7 +223,8 @@ def test_packed_batch_gives_the_padded_loss_and_gradients(mistral_tokenizer, mic
     padded = RerankCollator(mistral_tokenizer)(features)
     packed = RerankCollator(mistral_tokenizer, packing=True, packed_length=64)(features)
     assert packed["pair"]["input_ids"].numel() < padded["pair"]["input_ids"].numel()
-    assert (packed["pair"]["pair_ids"] == -1).any()  # the groups' prefixes are shared
+    own = int((packed["pair"]["pair_ids"] >= 0).sum())  # tokens held per pair: fewer than the pairs' tokens
+    assert own == sum(len(e["input_ids"]) - 6 for g in features for e in g)  # each group's 6-token prefix is shared
     unshared = RerankCollator(mistral_tokenizer, packing=True, packed_length=64, share_query_prefix=False)(features)
     assert "pair_ids" not in unshared["pair"]
     results = []
