@@ -10,6 +10,7 @@ from .data.datamodule import RECIPES
 from .data.records import ON_ERROR
 from .model.matryoshka_module import check_settings
 from .model.losses import loss_config
+from .model.scoring import MASKED_ATTENTION
 
 
 class ConfigError(ValueError):
@@ -64,7 +65,7 @@ def check_config(cfg: DictConfig) -> None:
     attn = OmegaConf.select(cfg, "model.attn_implementation", default=None)
     shared = OmegaConf.select(cfg, "data.packing", default=False) and OmegaConf.select(
         cfg, "data.share_query_prefix", default=True)
-    if shared and attn not in (None, "sdpa", "eager"):
+    if shared and attn is not None and attn not in MASKED_ATTENTION:
         raise ConfigError(f"data.share_query_prefix=true needs model.attn_implementation sdpa or eager (its rows take "
                           f"an attention mask), got {attn!r}; set data.share_query_prefix=false")
     if cfg.get("matryoshka"):

@@ -74,15 +74,16 @@ def balanced_rows(lengths: Sequence[int], budget: int, groups: Sequence[int] | N
                   prefix: Mapping[int, int] | None = None) -> list[list[int]]:
     """`pack_rows` at the smallest budget that needs no more rows than `budget` does (a bisection): rows are
     padded to the longest, so 2 rows of 250 and 250 tokens cost less than 2 of 400 and 100."""
-    rows = pack_rows(lengths, budget, groups, prefix)
-    low, high = max(lengths), budget  # pack_rows(high) needs len(rows) rows
+    rows = best = pack_rows(lengths, budget, groups, prefix)
+    low, high = max(lengths), budget  # best: pack_rows at `high`, as few rows as at `budget`
     while low < high:
         middle = (low + high) // 2
-        if len(pack_rows(lengths, middle, groups, prefix)) <= len(rows):
-            high = middle
+        candidate = pack_rows(lengths, middle, groups, prefix)
+        if len(candidate) <= len(rows):
+            high, best = middle, candidate
         else:
             low = middle + 1
-    return pack_rows(lengths, high, groups, prefix) if high < budget else rows
+    return best
 
 
 def pack_pairs(sequences: Sequence[Sequence[int]], score_at: Sequence[int], pad_value: int,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100
+MASKED_ATTENTION = ("sdpa", "eager")  # the attn_implementations that take `packed_attention_mask`'s masks
 
 
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -68,7 +69,7 @@ def packed_attention_mask(lm: torch.nn.Module, position_ids: torch.Tensor,
     """
     config = lm.config
     impl = config._attn_implementation
-    if impl not in ("sdpa", "eager"):
+    if impl not in MASKED_ATTENTION:
         raise ValueError(f"packed rows with shared query prefixes need attn_implementation sdpa or eager, "
                          f"not {impl!r}; set data.share_query_prefix=false (pairs then pack one to a chunk)")
     column = torch.arange(position_ids.shape[1], device=position_ids.device)
