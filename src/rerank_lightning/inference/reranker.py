@@ -48,7 +48,7 @@ class Reranker:
         name, e.g. "bfloat16") None: the dtype the weights were saved in."""
         from transformers import AutoModelForCausalLM
 
-        from ..model.backbone import auto_tokenizer
+        from ..model.backbone import MODEL_LOAD_KWARGS, auto_tokenizer
 
         path = Path(path)
         recipe_path = path / RECIPE_FILE
@@ -78,7 +78,7 @@ class Reranker:
             if dtype is not None:
                 lm = lm.to(dtype)
         else:
-            lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+            lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", **MODEL_LOAD_KWARGS)
         heads, adapters = None, []
         if recipe["recipe"] == "matryoshka":
             from ..model.matryoshka import load_heads

@@ -30,8 +30,10 @@ class CrossEncoder:
                  device: str | torch.device | None = None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from ..model.backbone import MODEL_LOAD_KWARGS
+
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.model = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
+        self.model = AutoModelForSequenceClassification.from_pretrained(str(path), **MODEL_LOAD_KWARGS).eval()
         if self.model.config.num_labels not in (1, 2):
             raise ValueError(f"{path}: a cross-encoder teacher needs 1 or 2 labels, got {self.model.config.num_labels}")
         if device is not None:
@@ -81,10 +83,10 @@ def load_teacher(path: str | Path, kind: str = "auto", prompt: str | None = None
     from transformers import AutoModelForCausalLM
 
     from ..data.formatting import DEFAULT_PROMPT, PairFormatter
-    from ..model.backbone import auto_tokenizer
+    from ..model.backbone import MODEL_LOAD_KWARGS, auto_tokenizer
 
     formatter = PairFormatter(auto_tokenizer(str(path)), query_max_len, passage_max_len, prompt=prompt or DEFAULT_PROMPT)
-    lm = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
+    lm = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", **MODEL_LOAD_KWARGS)
     return Reranker(lm.to(device) if device is not None else lm, formatter, batch_size)
 
 

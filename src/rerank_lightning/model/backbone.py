@@ -15,6 +15,11 @@ from transformers import SentencePieceBackend
 
 log = logging.getLogger(__name__)
 
+# Every model load passes these. transformers 5.25 turns Hub kernels on by default: layers replaced by code
+# fetched from the Hub at load time (it needs the `kernels` package, and the network, or it refuses to load).
+# The project loads models offline and scores with transformers' own layers, on every release it supports.
+MODEL_LOAD_KWARGS = {"use_kernels": False}
+
 
 class WeightsUnavailableError(RuntimeError):
     """The requested weights are neither local nor downloadable now."""
@@ -202,7 +207,8 @@ def load_causal_lm(cfg: Mapping[str, Any], vocab_size: int) -> torch.nn.Module:
         lm = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         kwargs = {"gguf_file": cfg["gguf_file"]} if cfg.get("gguf_file") else {}
-        lm = AutoModelForCausalLM.from_pretrained(_source(cfg), dtype=dtype, attn_implementation=attn, **kwargs)
+        lm = AutoModelForCausalLM.from_pretrained(_source(cfg), dtype=dtype, attn_implementation=attn,
+                                                  **kwargs, **MODEL_LOAD_KWARGS)
         if cfg.get("gguf_file"):
             _forget_gguf_quantization(lm)
     lm.config.use_cache = False
