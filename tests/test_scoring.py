@@ -191,3 +191,70 @@ def test_answer_logits_gradients_flow(tiny_lm, fmt):
     grad = tiny_lm.get_output_embeddings().weight.grad
     assert grad is not None and grad[fmt.yes_id].abs().sum() > 0
     tiny_lm.zero_grad()
+
+
+def _graph_nodes(root):
+    """Every autograd node reachable from `root`."""
+    seen, todo = {}, [root]
+    while todo:
+        node = todo.pop()
+        if node is not None and id(node) not in seen:
+            seen[id(node)] = node
+            todo.extend(next_node for next_node, _ in node.next_functions)
+    return list(seen.values())
+
+
+def _tied_lm(mistral_tokenizer, tiny_model_cfg):
+    tiny_model_cfg["random_init"]["tie_word_embeddings"] = True
+    lm = load_causal_lm(tiny_model_cfg, len(mistral_tokenizer)).train()
+    assert lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+    return lm
+
+
+def test_tied_matrix_gradient_is_one_matrix_summed_in_place(mistral_tokenizer, fmt, tiny_model_cfg):
+    """Training a tied model (input embedding = LM head) in one process, the embedding's gradient is sparse
+    and reaches the tied matrix before the head's dense one, which autograd adds it into in place: one
+    vocabulary-sized gradient at the end of backward, not two (BENCHMARKS 3c). It equals the gradient of
+    the model's own forward (the usual dense lookup) up to the order of float additions."""
+    lm = _tied_lm(mistral_tokenizer, tiny_model_cfg)
+    weight = lm.get_input_embeddings().weight
+    ids, mask, _ = _batch([fmt.encode_pair(QUERY, PASSAGE), fmt.encode_pair(QUERY, LONG_PASSAGE)], "left", fmt.pad_id)
+    positions = score_positions(mask)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    rows = torch.arange(ids.shape[0])
+    reference = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[rows, positions]
+    (expected,) = torch.autograd.grad(reference.logsumexp(-1).sum(), weight)
+
+    logits = answer_logits(lm, ids, mask, positions)
+    torch.testing.assert_close(logits, reference.detach(), atol=ATOL, rtol=0)
+    nodes = {node.name(): node for node in _graph_nodes(logits.grad_fn)}
+    alias, lookup = nodes["AliasBackward0"], nodes["EmbeddingBackward0"]
+    accumulate = alias.next_functions[0][0]
+    assert lookup.next_functions[0][0] is accumulate  # both feed the tied matrix
+    arrivals = []
+    lookup.register_hook(lambda grads_in, grads_out: arrivals.append(("embedding", grads_in[0].layout, None)))
+    alias.register_hook(lambda grads_in, grads_out: arrivals.append(("head", grads_in[0].layout, grads_in[0].data_ptr())))
+    accumulate.register_prehook(lambda grads: arrivals.append(("sum", grads[0].layout, grads[0].data_ptr())))
+    logits.logsumexp(-1).sum().backward()
+    (_, sparse, _), (_, head_layout, head_ptr), (_, sum_layout, sum_ptr) = arrivals
+    assert [a[0] for a in arrivals] == ["embedding", "head", "sum"]
+    assert sparse == torch.sparse_coo and head_layout == sum_layout == torch.strided
+    assert sum_ptr == head_ptr  # added into the head's gradient, no third matrix
+    assert weight.grad.layout == torch.strided
+    torch.testing.assert_close(weight.grad, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_tied_matrix_keeps_the_usual_lookup_under_distributed_training(mistral_tokenizer, fmt, tiny_model_cfg, tmp_path):
+    """DDP and FSDP reduce dense gradients bucket by bucket: with a process group up, the lookup is the
+    model's own (dense, no alias), and the gradient the same."""
+    lm = _tied_lm(mistral_tokenizer, tiny_model_cfg)
+    ids, mask, _ = _batch([fmt.encode_pair(QUERY, PASSAGE)], "left", fmt.pad_id)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        logits = answer_logits(lm, ids, mask, score_positions(mask))
+    finally:
+        torch.distributed.destroy_process_group()
+    names = {node.name() for node in _graph_nodes(logits.grad_fn)}
+    assert "EmbeddingBackward0" in names and "AliasBackward0" not in names
+    logits.logsumexp(-1).sum().backward()
+    assert lm.get_input_embeddings().weight.grad.layout == torch.strided

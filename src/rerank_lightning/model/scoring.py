@@ -34,10 +34,11 @@ def answer_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     """
     lm = causal_lm(model)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    tokens, head_weight = _decoder_input(lm, input_ids)
     hidden = lm.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        **tokens, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
-    return _head(lm, hidden[torch.arange(hidden.shape[0], device=hidden.device), positions])
+    return _head(lm, hidden[torch.arange(hidden.shape[0], device=hidden.device), positions], head_weight)
 
 
 def packed_answer_logits(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
@@ -51,10 +52,11 @@ def packed_answer_logits(model: torch.nn.Module, input_ids: torch.Tensor, positi
     """
     lm = causal_lm(model)
     mask = None if pair_ids is None else packed_attention_mask(lm, position_ids, pair_ids)
+    tokens, head_weight = _decoder_input(lm, input_ids)
     hidden = lm.get_decoder()(
-        input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+        **tokens, attention_mask=mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
-    return _head(lm, hidden[scored_pair >= 0])
+    return _head(lm, hidden[scored_pair >= 0], head_weight)
 
 
 def packed_attention_mask(lm: torch.nn.Module, position_ids: torch.Tensor,
@@ -112,18 +114,44 @@ def answer_label_ids(pair: dict[str, torch.Tensor]) -> torch.Tensor:
     return labels.gather(1, (score_positions(pair["attention_mask"], labels) + 1)[:, None])[:, 0]
 
 
-def _head(lm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head on picked hidden states (tied or not), with Gemma 2's logit softcap.
+def _decoder_input(lm: torch.nn.Module, input_ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The decoder's input (`input_ids`, or `inputs_embeds` looked up here) and the weight `_head` is to use
+    (None: the LM head's own).
+
+    A tied matrix (input embedding and LM head; SmolLM2's is 49,152 x 576, 108 MiB in fp32) gets two
+    gradients in a full fine-tune, which autograd sums before `.grad`. With the model's own lookup the
+    embedding's gradient is dense and comes last, so at the end of backward two such matrices are held
+    (the default run's peak). Here, when training in one process, the lookup gives a sparse gradient (the
+    batch's rows only) and the head reads the matrix through an alias made before the lookup. Autograd
+    runs the nodes made earlier later, so the sparse gradient arrives first and the head's dense one is
+    added to it in place: one matrix, the same sum up to the order of float additions.
+    The model's own lookup stays for: embedding modules that are not a plain `nn.Embedding` (Gemma 3
+    scales inside its own), a frozen embedding (LoRA), inference, and DDP or FSDP (they reduce dense
+    gradients).
+    """
+    embedding, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+    weight = embedding.weight
+    if not (torch.is_grad_enabled() and weight.requires_grad and type(embedding) is torch.nn.Embedding
+            and type(head) is torch.nn.Linear and head.weight is weight
+            and not (torch.distributed.is_available() and torch.distributed.is_initialized())):
+        return {"input_ids": input_ids}, None
+    head_weight = torch.ops.aten.alias(weight)  # before the lookup; its backward passes the gradient as is
+    embeds = torch.nn.functional.embedding(input_ids, weight, embedding.padding_idx, embedding.max_norm,
+                                           embedding.norm_type, embedding.scale_grad_by_freq, sparse=True)
+    return {"inputs_embeds": embeds}, head_weight
+
+
+def _head(lm: torch.nn.Module, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The LM head on picked hidden states (tied or not), with Gemma 2's logit softcap; `weight` stands in
+    for a linear head's own (`_decoder_input`).
 
     A plain linear head runs as (W h^T)^T: the same products as the module's h W^T (bitwise equal on
     SmolLM2), but backward then yields W's gradient as a tensor of its own, not as a transposed view of
-    one. With tied embeddings autograd adds the input embedding's gradient into it in place; into a view
-    it cannot, and the sum is one more vocabulary-sized matrix at the end of backward (108 MiB for
-    SmolLM2, at the default run's peak).
+    one, which autograd can add a tied embedding's gradient into in place.
     """
     head = lm.get_output_embeddings()
     if type(head) is torch.nn.Linear:
-        logits = torch.mm(head.weight, hidden.t()).t()
+        logits = torch.mm(head.weight if weight is None else weight, hidden.t()).t()
         logits = logits if head.bias is None else logits + head.bias
     else:
         logits = head(hidden)
