@@ -263,8 +263,10 @@ def flag_llm_reranker_scores(model_dir: Path, pairs, prompt: str | None = None) 
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rerank_lightning.model.backbone import MODEL_LOAD_KWARGS  # no Hub kernels (transformers >= 5.25)
+
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **MODEL_LOAD_KWARGS).eval()
     prompt = prompt or ("Given a query A and a passage B, determine whether the passage contains an answer to "
                         "the query by providing a prediction of either 'Yes' or 'No'.")
     prompt_inputs = tok(prompt, add_special_tokens=False)["input_ids"]
