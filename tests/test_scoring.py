@@ -246,7 +246,7 @@ def test_tied_matrix_gradient_is_one_matrix_summed_in_place(mistral_tokenizer, f
 
 def test_tied_matrix_keeps_the_usual_lookup_under_distributed_training(mistral_tokenizer, fmt, tiny_model_cfg, tmp_path):
     """DDP and FSDP reduce dense gradients bucket by bucket: with a process group up, the lookup is the
-    model's own (dense, no alias), and the gradient the same."""
+    model's own (no alias) and the tied matrix's gradient dense."""
     lm = _tied_lm(mistral_tokenizer, tiny_model_cfg)
     ids, mask, _ = _batch([fmt.encode_pair(QUERY, PASSAGE)], "left", fmt.pad_id)
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
