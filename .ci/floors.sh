@@ -4,7 +4,7 @@
 # brought up to date when pyproject.toml changes. FLOORS_VENV=... picks its folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-FLOORED="torch transformers lightning peft datasets"
+FLOORED="torch transformers lightning peft"
 VENV=${FLOORS_VENV:-/tmp/rerank-lightning-floors}
 pins=$(python3 - "$FLOORED" <<'PY'
 import re, sys, tomllib
@@ -27,8 +27,8 @@ if [ ! -f "$stamp" ]; then
     rm -f "$VENV"/.floors-*
     touch "$stamp"
 fi
-"$VENV/bin/python" -m pip list 2>/dev/null | grep -iE "^(torch|transformers|lightning|peft|datasets) "
-# its own cache of pre-tokenised records: those the main suite wrote with a newer datasets do not load here.
+"$VENV/bin/python" -m pip list 2>/dev/null | grep -iE "^(torch|transformers|lightning|peft) "
+# a cache of pre-tokenised records of its own, apart from the main suite's.
 # PYTHONPATH: this checkout's code, whichever checkout the shared venv's editable install points to.
 PYTHONPATH="$PWD/src" RERANK_LIGHTNING_CACHE="$VENV/cache" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false "$VENV/bin/python" -m pytest -q -m "not slow" \
     tests/test_matryoshka_model.py tests/test_module.py tests/test_scoring.py tests/test_tokenized.py \

@@ -8,8 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # imported by the project, absent from the device image (mistral-common only ships the tokenizer file)
-WHEELS="hydra-core==1.3.2 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 datasets==5.0.1 dill==0.4.0
-  multiprocess==0.70.18 mistral-common==1.8.5"
+WHEELS="hydra-core==1.3.2 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 mistral-common==1.8.5"
 case ${1:-} in
 prepare)
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> "$(git rev-parse --git-common-dir)/info/exclude"

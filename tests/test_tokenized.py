@@ -6,17 +6,19 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import subprocess
+import sys
 
-import datasets
-import pyarrow as pa
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from conftest import TINY_MODEL
+
 from rerank_lightning.data import DataArguments, GroupSampler, RerankCollator, TrainDatasetForReranker, sample_group
 from rerank_lightning.data import tokenized
 from rerank_lightning.data.instruction import IGNORE_INDEX
-from rerank_lightning.data.tokenized import IdColumn
 
 FLAG_FILES = (
     "reranker_normal_examples.jsonl",
@@ -95,18 +97,21 @@ def test_store_holds_the_recipe_limits(mistral_tokenizer, shared_data, tmp_path)
 
 
 def test_second_construction_reads_the_cache(mistral_tokenizer, shared_data, tmp_path, monkeypatch):
-    """The store is written once under cache_dir/datasets<major>-<fingerprint>; building the dataset
-    again reads it without tokenising, and gives the same items."""
+    """The store is written once under cache_dir/ids-<fingerprint>; building the dataset again reads it
+    (memory-mapped) without tokenising, and gives the same items."""
     args = DataArguments(train_data=str(shared_data / "flagembedding" / "reranker_normal_examples.jsonl"),
                          cache_dir=str(tmp_path / "cache"))
     first = TrainDatasetForReranker(args, mistral_tokenizer)
     assert not first.tokens.from_cache
     stored = [p for p in (tmp_path / "cache").iterdir()]
-    assert [p.name for p in stored] == [f"datasets{datasets.__version__.split('.')[0]}-{first.tokens.fingerprint}"]
-    assert any(stored[0].glob("*.arrow"))
+    assert [p.name for p in stored] == [f"ids-{first.tokens.fingerprint}"]
+    assert sorted(f.name for f in stored[0].iterdir()) == [
+        "num_pos.npy", "passage_first.npy", "passage_ids.ids", "passage_ids.starts.npy",
+        "prompt_ids.ids", "prompt_ids.starts.npy", "query_ids.ids", "query_ids.starts.npy"]
     forbid_tokenising(monkeypatch)
     again = TrainDatasetForReranker(args, mistral_tokenizer)
     assert again.tokens.from_cache and again.tokens.fingerprint == first.tokens.fingerprint
+    assert isinstance(again.tokens.arrays["passage_ids"].ids.base, np.memmap)  # read from the file, not loaded
     assert [again[(2, i)] for i in range(10)] == [first[(2, i)] for i in range(10)]
 
 
@@ -162,10 +167,40 @@ def test_unreadable_cache_names_the_folder(mistral_tokenizer, shared_data, tmp_p
                          cache_dir=str(tmp_path))
     ds = TrainDatasetForReranker(args, mistral_tokenizer)
     broken = ds.tokens.path
+    ids = broken / "passage_ids.ids"
+    ids.write_bytes(ids.read_bytes()[:-8])  # two ids short
+    with pytest.raises(RuntimeError, match=f"{broken}.*passage_ids.ids holds .* delete this folder"):
+        TrainDatasetForReranker(args, mistral_tokenizer)
     for f in broken.iterdir():
-        f.write_bytes(b"not arrow")
+        f.write_bytes(b"not numpy")
     with pytest.raises(RuntimeError, match=f"{broken}.*delete this folder"):
         TrainDatasetForReranker(args, mistral_tokenizer)
+
+
+def test_store_spans_tokenizer_batches(mistral_tokenizer, shared_data, tmp_path, monkeypatch):
+    """Records tokenised 3 at a time (ids appended across batches), read back from disk and from memory,
+    give exactly the items of tokenising each one now."""
+    monkeypatch.setattr(tokenized, "TOKENIZE_BATCH_SIZE", 3)
+    for cache in (str(tmp_path / "cache"), None):
+        args = DataArguments(train_data=str(shared_data / "flagembedding" / "reranker_prompt_based_examples.jsonl"),
+                             train_group_size=4, cache_dir=cache)
+        ds = TrainDatasetForReranker(args, mistral_tokenizer)
+        assert ds.tokens.from_cache is False
+        for i in range(len(ds)):
+            assert ds[(0, i)] == per_item_encodings(ds, 0, i)
+
+
+@pytest.mark.parametrize("on_disk", [True, False])
+def test_id_list_writer_keeps_every_list_empty_ones_included(tmp_path, on_disk):
+    batches = [[[5, 6], [], [7]], [], [[]], [[8, 9, 10], [2**31 - 1]]]
+    writer = tokenized._IdListWriter(tmp_path / "x.ids" if on_disk else None)
+    for batch in batches:
+        writer.extend(batch)
+    column = writer.close()
+    if on_disk:
+        assert column is None
+        column = tokenized.IdLists(np.fromfile(tmp_path / "x.ids", dtype="<i4"), np.load(tmp_path / "x.starts.npy"))
+    assert [column[i] for i in range(len(column))] == [ids for batch in batches for ids in batch]
 
 
 @pytest.mark.parametrize("cached", [True, False])
@@ -205,19 +240,16 @@ def test_sample_group_exposes_the_chosen_indices(shared_data):
         assert len(group.negative_indices) == 15
 
 
-def test_id_column_reads_chunked_and_sliced_arrow_arrays():
-    """IdColumn reads rows across several Arrow chunks, including sliced ones, like to_pylist."""
-    rows = [[[1, 2], [3]], [[4, 5, 6]], [[], [7], [8, 9]], [[10]], [[11, 12], [13, 14, 15]]]
-    typ = pa.list_(pa.list_(pa.int32()))
-    whole = pa.array(rows, type=typ)
-    column = pa.chunked_array([whole.slice(0, 2), pa.array([[[0]]] + rows[2:4], type=typ).slice(1, 2),
-                               whole.slice(4, 1)])
-    assert column.to_pylist() == rows
-    nested = IdColumn(column, nested=True)
-    for r, row in enumerate(rows):
-        assert nested.nested_ids(r, range(len(row))) == row
-        assert nested.nested_ids(r, list(range(len(row)))[::-1]) == row[::-1]
-    flat_rows = [[1, 2], [], [3, 4, 5], [6]]
-    flat = pa.chunked_array([pa.array(flat_rows[:1], type=pa.list_(pa.int32())),
-                             pa.array([[9]] + flat_rows[1:], type=pa.list_(pa.int32())).slice(1)])
-    assert [IdColumn(flat, nested=False).ids(r) for r in range(4)] == flat_rows
+def test_training_data_path_imports_neither_datasets_nor_pyarrow(shared_data, tmp_path):
+    """Building the training set, tokenising and caching included, loads neither `datasets` nor `pyarrow`
+    (with pandas they are about 80 MiB of the training process's memory)."""
+    train_data = str(shared_data / "flagembedding" / "reranker_normal_examples.jsonl")
+    code = ("import sys\n"
+            "from rerank_lightning.data import DataArguments, TrainDatasetForReranker\n"
+            "from rerank_lightning.model import load_tokenizer\n"
+            f"args = DataArguments(train_data={train_data!r}, cache_dir={str(tmp_path)!r})\n"
+            f"ds = TrainDatasetForReranker(args, load_tokenizer({TINY_MODEL!r}))\n"
+            "ds[(0, 1)]\n"
+            "print([m for m in ('datasets', 'pyarrow', 'pandas') if m in sys.modules])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

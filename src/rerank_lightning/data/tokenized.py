@@ -1,21 +1,24 @@
-"""Pre-tokenised training records: every text tokenised once, with `datasets`, and cached on disk.
+"""Pre-tokenised training records: every text tokenised once and cached on disk as numpy arrays.
 
 A training step then only samples a group (SPEC 2) and slices and concatenates id lists
 (SPEC 3, 4). The store keeps, per record:
 
 - `query_ids`: tok(query_instruction + query), cut to Q + P // 4 (the Matryoshka recipe slices it to Q);
 - `passage_ids`: tok(passage_instruction + passage) for every `pos` then every `neg` passage, cut to
-  P + Q // 2 (one column, so a group is read in one go; `num_pos` says where the negatives start);
+  P + Q // 2 (`num_pos` says where the negatives start);
 - `prompt_ids`: tok(the record's prompt, else the formatter's).
 
-The cache is a `datasets` folder named by a fingerprint of the tokenizer, the formatter's
-settings and the records' content, so a changed tokenizer, setting or file is tokenised afresh.
+Each id column is two arrays: every id list's ids one after another (`<name>.ids`, int32, written as
+tokenised and read memory-mapped) and where each list starts (`<name>.starts.npy`, int64, one more
+entry than lists). Passages are one list each; `passage_first.npy` gives each record's first passage.
+The cache is a folder named by a fingerprint of the tokenizer, the formatter's settings and the
+records' content, so a changed tokenizer, setting or file is tokenised afresh.
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -23,9 +26,8 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Sequence
 
-import datasets
 import numpy as np
 from torch.utils.data import Dataset
 
@@ -35,17 +37,12 @@ from .sampling import Group, sample_group
 
 log = logging.getLogger(__name__)
 
-STORE_VERSION = 2  # bump when the stored columns or their meaning change
-MAP_BATCH_SIZE = 256
+STORE_VERSION = 3  # bump when the stored arrays or their meaning change
+TOKENIZE_BATCH_SIZE = 256  # records per tokenizer call
+ID_COLUMNS = ("query_ids", "passage_ids", "prompt_ids")
 # Text whose ids tell tokenizers apart beyond their vocabulary (normalisation, merges, byte fallback,
 # leading and double spaces: sentencepiece and transformers' fast Llama tokenizer differ there).
 PROBE_TEXT = " A: Who wrote  Hamlet?\nB: Shakespeare wrote it in 1600 — naïve café 東京 🙂 don't\t$3.50"
-FEATURES = datasets.Features({
-    "query_ids": datasets.Sequence(datasets.Value("int32")),
-    "num_pos": datasets.Value("int32"),
-    "passage_ids": datasets.Sequence(datasets.Sequence(datasets.Value("int32"))),
-    "prompt_ids": datasets.Sequence(datasets.Value("int32")),
-})
 
 
 def default_cache_dir() -> str:
@@ -90,65 +87,67 @@ def store_fingerprint(records: Sequence[TrainRecord], formatter: PairFormatter) 
     })[:32]
 
 
-def tokenize_batch(batch: dict[str, list], tokenizer: Any, query_instruction: str, passage_instruction: str,
-                   query_len: int, passage_len: int) -> dict[str, list]:
-    """`datasets.map` function: one batch of records (query, pos, neg, prompt) to id lists."""
+def tokenize_batch(records: Sequence[TrainRecord], formatter: PairFormatter) -> dict[str, list[list[int]]]:
+    """One batch of records to id lists: `query_ids` and `prompt_ids` one list per record,
+    `passage_ids` one per passage (each record's `pos`, then its `neg`)."""
+    tokenizer = formatter.tokenizer
+    Q, P = formatter.query_max_len, formatter.passage_max_len
+
     def encode(texts: list[str], prefix: str, limit: int | None) -> list[list[int]]:
         ids = tokenizer([prefix + t for t in texts], add_special_tokens=False)["input_ids"] if texts else []
         return [x[:limit] for x in ids]
 
-    passages = [[*pos, *neg] for pos, neg in zip(batch["pos"], batch["neg"])]
-    flat = encode([p for record in passages for p in record], passage_instruction, passage_len)
-    passage_ids, start = [], 0
-    for record in passages:
-        passage_ids.append(flat[start : start + len(record)])
-        start += len(record)
-
-    prompts = sorted(set(batch["prompt"]))
-    prompt_ids = dict(zip(prompts, encode(prompts, "", None)))
+    prompts = [formatter.prompt if r.prompt is None else r.prompt for r in records]
+    prompt_ids = dict(zip(sorted(set(prompts)), encode(sorted(set(prompts)), "", None)))
     return {
-        "query_ids": encode(batch["query"], query_instruction, query_len),
-        "num_pos": [len(pos) for pos in batch["pos"]],
-        "passage_ids": passage_ids,
-        "prompt_ids": [prompt_ids[p] for p in batch["prompt"]],
+        "query_ids": encode([r.query for r in records], formatter.query_instruction, query_store_len(Q, P)),
+        "passage_ids": encode([p for r in records for p in (*r.pos, *r.neg)], formatter.passage_instruction,
+                              passage_store_len(Q, P)),
+        "prompt_ids": [prompt_ids[p] for p in prompts],
     }
 
 
-class IdColumn:
-    """Reads one `list<int32>` (or, `nested`, `list<list<int32>>`) column of an Arrow table in place.
+class IdLists:
+    """A column of id lists: list i is `ids[starts[i]:starts[i + 1]]`; a read copies only its own ids."""
 
-    Offsets and values are numpy views of the (memory-mapped) Arrow buffers, so a read copies only
-    the ids it returns: a group of G passages costs G slices, however many negatives a record has.
-    """
+    def __init__(self, ids: np.ndarray, starts: np.ndarray):
+        self.ids, self.starts = ids, starts
 
-    def __init__(self, column: Any, nested: bool):
-        self.chunk_starts: list[int] = []
-        self.chunks: list[tuple[np.ndarray, np.ndarray | None, np.ndarray]] = []
-        start = 0
-        for chunk in column.chunks:
-            self.chunk_starts.append(start)
-            start += len(chunk)
-            # the `.offsets` of a sliced array index into its `.values`, which ignore the slice
-            lists = chunk.values if nested else chunk
-            inner = lists.offsets.to_numpy() if nested else None
-            self.chunks.append((chunk.offsets.to_numpy(), inner, lists.values.to_numpy()))
+    def __len__(self) -> int:
+        return len(self.starts) - 1
 
-    def _locate(self, row: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, int]:
-        c = bisect.bisect_right(self.chunk_starts, row) - 1
-        return (*self.chunks[c], row - self.chunk_starts[c])
+    def __getitem__(self, i: int) -> list[int]:
+        start, end = self.starts[i : i + 2].tolist()
+        return self.ids[start:end].tolist()
 
-    def ids(self, row: int) -> list[int]:
-        """The ids of `row` (a flat column)."""
-        outer, _, values, local = self._locate(row)
-        return values[outer[local] : outer[local + 1]].tolist()
 
-    def nested_ids(self, row: int, items: Sequence[int]) -> list[list[int]]:
-        """The ids of the given items (passages) of `row` (a nested column)."""
-        outer, inner, values, local = self._locate(row)
-        bounds = inner[outer[local] : outer[local + 1] + 1].tolist()  # where each passage starts, and the end
-        if any(not 0 <= j < len(bounds) - 1 for j in items):
-            raise IndexError(f"record {row} has {len(bounds) - 1} passages here, asked for {list(items)}")
-        return [values[bounds[j] : bounds[j + 1]].tolist() for j in items]
+class _IdListWriter:
+    """Appends id lists to a file (`path`) or to memory (None) and records where each starts."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.file: BinaryIO | None = open(path, "wb") if path is not None else None
+        self.parts: list[np.ndarray] = []
+        self.lengths: list[np.ndarray] = []
+
+    def extend(self, lists: list[list[int]]) -> None:
+        lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+        ids = np.fromiter(itertools.chain.from_iterable(lists), dtype="<i4", count=int(lengths.sum()))
+        self.lengths.append(lengths)
+        if self.file is not None:
+            self.file.write(ids.tobytes())
+        else:
+            self.parts.append(ids)
+
+    def close(self) -> IdLists | None:
+        """The column (in memory), or None once its starts are saved beside its ids (on disk)."""
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int64)
+        starts = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(lengths)])
+        if self.file is None:
+            return IdLists(np.concatenate(self.parts) if self.parts else np.zeros(0, "<i4"), starts)
+        self.file.close()
+        np.save(self.path.with_suffix(".starts.npy"), starts)
+        return None
 
 
 class TokenizedRecords:
@@ -160,95 +159,118 @@ class TokenizedRecords:
 
     def __init__(self, records: Sequence[TrainRecord], formatter: PairFormatter, cache_dir: str | Path | None):
         self.fingerprint = store_fingerprint(records, formatter)
-        # one folder per datasets major release: a store written by datasets 5 does not load under 2.x
-        store_dir = f"datasets{datasets.__version__.split('.')[0]}-{self.fingerprint}"
-        self.path = Path(cache_dir).expanduser() / store_dir if cache_dir is not None else None
+        self.path = Path(cache_dir).expanduser() / f"ids-{self.fingerprint}" if cache_dir is not None else None
         self.from_cache = self.path is not None and self.path.is_dir()
-        if self.from_cache:
-            try:
-                self.table = datasets.load_from_disk(str(self.path))
-            except Exception as err:
-                raise RuntimeError(f"{self.path}: cannot read the pre-tokenised records ({type(err).__name__}: "
-                                   f"{err}); delete this folder to tokenise afresh") from err
-            log.info("read %d pre-tokenised records from %s", len(self.table), self.path)
-        else:
+        self.num_records = len(records)
+        self._arrays: dict[str, Any] | None = None
+        if not self.from_cache:
             started = time.perf_counter()
-            self.table = self._tokenize(records, formatter)
-            if self.path is not None:
-                self.table = self._save(self.table, self.path)
+            self._arrays = self._tokenize(records, formatter)
             log.info("tokenised %d records in %.1f s%s", len(records), time.perf_counter() - started,
                      f", cached at {self.path}" if self.path else "")
-        if len(self.table) != len(records):
-            raise RuntimeError(f"{self.path}: holds {len(self.table)} records, expected {len(records)}; delete it")
-        self._columns: dict[str, IdColumn] | None = None
-        self._num_pos: np.ndarray | None = None
+        if self._arrays is None:  # read now, so that a broken store names its folder before training starts
+            self._arrays = self._read()
+            log.info("read %d pre-tokenised records from %s", len(records), self.path)
 
-    def _tokenize(self, records: Sequence[TrainRecord], formatter: PairFormatter) -> datasets.Dataset:
-        Q, P = formatter.query_max_len, formatter.passage_max_len
-        texts = datasets.Dataset.from_dict({
-            "query": [r.query for r in records],
-            "pos": [list(r.pos) for r in records],
-            "neg": [list(r.neg) for r in records],
-            "prompt": [formatter.prompt if r.prompt is None else r.prompt for r in records],
-        }, features=datasets.Features({
-            "query": datasets.Value("string"),
-            "pos": datasets.Sequence(datasets.Value("string")),
-            "neg": datasets.Sequence(datasets.Value("string")),
-            "prompt": datasets.Value("string"),
-        }))
-        return texts.map(
-            tokenize_batch, batched=True, batch_size=MAP_BATCH_SIZE, remove_columns=texts.column_names,
-            features=FEATURES, new_fingerprint=self.fingerprint, desc="Tokenising training records",
-            fn_kwargs={"tokenizer": formatter.tokenizer, "query_instruction": formatter.query_instruction,
-                       "passage_instruction": formatter.passage_instruction,
-                       "query_len": query_store_len(Q, P), "passage_len": passage_store_len(Q, P)},
-        )
+    def _tokenize(self, records: Sequence[TrainRecord], formatter: PairFormatter) -> dict[str, Any] | None:
+        """Tokenise in batches, writing into a folder beside the store and renaming it when complete (None:
+        read it back from `self.path`), or into memory without a cache (the arrays)."""
+        tmp = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.parent / f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+        try:
+            writers = {name: _IdListWriter(tmp / f"{name}.ids" if tmp else None) for name in ID_COLUMNS}
+            for start in range(0, len(records), TOKENIZE_BATCH_SIZE):
+                batch = records[start : start + TOKENIZE_BATCH_SIZE]
+                for name, lists in tokenize_batch(batch, formatter).items():
+                    writers[name].extend(lists)
+            arrays: dict[str, Any] = {name: writer.close() for name, writer in writers.items()}
+            arrays["num_pos"] = np.array([len(r.pos) for r in records], dtype=np.int32)
+            passages = np.array([len(r.pos) + len(r.neg) for r in records], dtype=np.int64)
+            arrays["passage_first"] = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(passages)])
+            if tmp is None:
+                return arrays
+            for name in ("num_pos", "passage_first"):
+                np.save(tmp / f"{name}.npy", arrays[name])
+            self._publish(tmp, self.path)
+        finally:
+            if tmp is not None and tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return None
 
     @staticmethod
-    def _save(table: datasets.Dataset, path: Path) -> datasets.Dataset:
-        """Write beside the target, then rename: readers never see half a store, and a concurrent
-        writer of the same fingerprint simply loses the race."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        table.save_to_disk(str(tmp))
+    def _publish(tmp: Path, path: Path) -> None:
+        """Rename the complete folder into place: readers never see half a store, and a concurrent writer
+        of the same fingerprint simply loses the race."""
         try:
             os.rename(tmp, path)
         except OSError:
             if not path.is_dir():
                 raise
-            shutil.rmtree(tmp, ignore_errors=True)
-        return datasets.load_from_disk(str(path))  # memory-mapped: shared by dataloader workers
 
-    def __len__(self) -> int:
-        return len(self.table)
+    def _read(self) -> dict[str, Any]:
+        """The cached store, memory-mapped (shared by dataloader workers); RuntimeError naming the folder
+        when it is unreadable or does not match the records."""
+        path = self.path
+        try:
+            # np.asarray: plain arrays over the mapped files (np.memmap slices made a group 1.6x slower to read)
+            arrays: dict[str, Any] = {name: np.asarray(np.load(path / f"{name}.npy", mmap_mode="r"))
+                                      for name in ("num_pos", "passage_first")}
+            for name in ID_COLUMNS:
+                starts = np.asarray(np.load(path / f"{name}.starts.npy", mmap_mode="r"))
+                size = (path / f"{name}.ids").stat().st_size
+                ids = np.asarray(np.memmap(path / f"{name}.ids", dtype="<i4", mode="r")) if size else np.zeros(0, "<i4")
+                arrays[name] = IdLists(ids, starts)
+            expected = {"num_pos": self.num_records, "query_ids": self.num_records, "prompt_ids": self.num_records,
+                        "passage_first": self.num_records + 1, "passage_ids": int(arrays["passage_first"][-1])}
+            for name, count in expected.items():
+                if len(arrays[name]) != count:
+                    raise ValueError(f"{name} has {len(arrays[name])} entries, expected {count}")
+            for name in ID_COLUMNS:
+                if arrays[name].starts[-1] != len(arrays[name].ids):
+                    raise ValueError(f"{name}.ids holds {len(arrays[name].ids)} ids, its starts say "
+                                     f"{arrays[name].starts[-1]}")
+        except (OSError, ValueError, IndexError) as err:
+            raise RuntimeError(f"{path}: cannot read the pre-tokenised records ({type(err).__name__}: {err}); "
+                               "delete this folder to tokenise afresh") from err
+        return arrays
 
     @property
-    def columns(self) -> dict[str, IdColumn]:
-        """Built on first use in each process (dataloader workers build their own, see __getstate__)."""
-        if self._columns is None:
-            table = self.table.data.table
-            self._columns = {name: IdColumn(table.column(name), nested=name == "passage_ids")
-                             for name in ("query_ids", "passage_ids", "prompt_ids")}
-            self._num_pos = table.column("num_pos").to_numpy()
-        return self._columns
+    def arrays(self) -> dict[str, Any]:
+        """Read from the cache on first use in each process (dataloader workers that unpickle the dataset
+        map the store themselves, see __getstate__)."""
+        if self._arrays is None:
+            self._arrays = self._read()
+        return self._arrays
 
     def __getstate__(self) -> dict[str, Any]:
-        # numpy views of the Arrow buffers would pickle as copies; a cached table pickles as its path
-        return {**self.__dict__, "_columns": None, "_num_pos": None}
+        # a memory map would pickle as a copy of the whole store; a cached store pickles as its path
+        return {**self.__dict__, "_arrays": None if self.path is not None else self._arrays}
+
+    def __len__(self) -> int:
+        return self.num_records
 
     def query_ids(self, row: int) -> list[int]:
-        return self.columns["query_ids"].ids(row)
+        return self.arrays["query_ids"][row]
 
     def prompt_ids(self, row: int) -> list[int]:
-        return self.columns["prompt_ids"].ids(row)
+        return self.arrays["prompt_ids"][row]
 
     def passage_ids(self, row: int, positive: int, negatives: Sequence[int]) -> list[list[int]]:
         """The ids of `pos[positive]` and of the given `neg` passages of record `row`, in that order."""
-        column = self.columns["passage_ids"]
-        num_pos = int(self._num_pos[row])
+        arrays = self.arrays
+        first, end = arrays["passage_first"][row : row + 2].tolist()
+        num_pos = int(arrays["num_pos"][row])
         if not 0 <= positive < num_pos:
             raise IndexError(f"record {row} has {num_pos} positives, asked for {positive}")
-        return column.nested_ids(row, [positive, *(num_pos + j for j in negatives)])
+        items = [positive, *(num_pos + j for j in negatives)]
+        if any(not 0 <= j < end - first for j in items):
+            raise IndexError(f"record {row} has {end - first} passages here, asked for {items}")
+        column = arrays["passage_ids"]
+        bounds = column.starts[first : end + 1].tolist()  # where each of the record's passages starts, and the end
+        return [column.ids[bounds[j] : bounds[j + 1]].tolist() for j in items]
 
 
 class PretokenizedGroups(Dataset):
