@@ -10,6 +10,7 @@ from conftest import ROOT, TINY_MODEL
 from rerank_lightning.data import RerankCollator, RerankDataModule
 from rerank_lightning.data.formatting import FormatConfigError
 from rerank_lightning.data.instruction import pad_batch
+from rerank_lightning.data import packing
 from rerank_lightning.data.packing import balanced_rows, pack_pairs, pack_rows
 from rerank_lightning.model import RerankerModule, answer_logits, score_positions
 from rerank_lightning.model.losses import listwise_ce
@@ -70,6 +71,17 @@ def test_balanced_rows_keep_the_row_count_and_even_out_the_rows():
     assert len(rows) == 2 and max(sum(lengths[i] for i in row) for row in rows) == 150
     # a group's prefix (10 tokens) counts once per row that holds the group
     assert pack_rows([30, 30, 30], budget=50, groups=[0, 0, 0], prefix={0: 10}) == [[0, 1], [2]]
+
+
+def test_pack_rows_keeps_groups_together_when_that_needs_fewer_rows():
+    """Two groups of three pairs: longest pair first mixes them (three rows, each holding some prefix twice
+    over); group by group fits each group's pairs behind one copy of its prefix (two rows)."""
+    lengths, groups, prefix = [26, 14, 20, 26, 30, 12], [0, 0, 0, 1, 1, 1], {0: 4, 1: 3}
+    longest_first = packing._first_fit(sorted(range(6), key=lambda i: -lengths[i]), lengths, 64, groups, prefix)
+    assert longest_first[0] == [[4, 0], [3, 2, 1], [5]]
+    rows = pack_rows(lengths, budget=64, groups=groups, prefix=prefix)
+    assert rows == [[4, 3, 5], [0, 2, 1]]
+    assert [sum(lengths[i] for i in row) - prefix[groups[row[0]]] * (len(row) - 1) for row in rows] == [62, 52]
 
 
 def test_packed_rows_hold_each_pair_with_restarting_positions_and_its_score_token():

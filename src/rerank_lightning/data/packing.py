@@ -46,28 +46,46 @@ def shared_prefix_length(sequences: Sequence[Sequence[int]], score_at: Sequence[
 
 def pack_rows(lengths: Sequence[int], budget: int, groups: Sequence[int] | None = None,
               prefix: Mapping[int, int] | None = None) -> list[list[int]]:
-    """First-fit decreasing: the pair indices of each row, a row's tokens summing to at most `budget`
-    (a pair longer than the budget gets a row of its own). With `groups`, pair i costs its length less
-    its group's `prefix` in a row that already holds that group's prefix, and such rows are tried first."""
+    """First fit: the pair indices of each row, a row's tokens summing to at most `budget` (a pair longer
+    than the budget gets a row of its own). With `groups`, pair i costs its length less its group's
+    `prefix` in a row that already holds that group's prefix, and such rows are tried first.
+
+    Two orders are tried: the longest pair first, and group by group (the group with the most tokens
+    first, each group's longest pair first), which keeps a group's pairs in the rows that hold its prefix
+    when several groups share a batch. The packing with fewer rows, then the narrower widest row, is kept.
+    """
     groups = groups if groups is not None else range(len(lengths))
     prefix = prefix if prefix is not None else {}
+    total: dict[int, int] = {}
+    for i, g in enumerate(groups):
+        total[g] = total.get(g, 0) + lengths[i]
+    pairs = range(len(lengths))
+    orders = (sorted(pairs, key=lambda i: -lengths[i]),
+              sorted(pairs, key=lambda i: (-total[groups[i]], groups[i], -lengths[i])))
+    packings = [_first_fit(order, lengths, budget, groups, prefix) for order in orders]
+    return min(packings, key=lambda packing: (len(packing[0]), max(packing[1], default=0)))[0]
+
+
+def _first_fit(order: Sequence[int], lengths: Sequence[int], budget: int, groups: Sequence[int],
+               prefix: Mapping[int, int]) -> tuple[list[list[int]], list[int]]:
+    """`pack_rows` for one order of the pairs: the rows and the tokens each holds."""
     rows: list[list[int]] = []
-    room: list[int] = []
+    used: list[int] = []
     held: list[set[int]] = []  # the groups whose prefix each row holds
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+    for i in order:
         g = groups[i]
         for r in sorted(range(len(rows)), key=lambda r: g not in held[r]):  # rows holding g's prefix first
             cost = lengths[i] - (prefix.get(g, 0) if g in held[r] else 0)
-            if cost <= room[r]:
+            if used[r] + cost <= budget:
                 rows[r].append(i)
-                room[r] -= cost
+                used[r] += cost
                 held[r].add(g)
                 break
         else:
             rows.append([i])
-            room.append(budget - lengths[i])
+            used.append(lengths[i])
             held.append({g})
-    return rows
+    return rows, used
 
 
 def balanced_rows(lengths: Sequence[int], budget: int, groups: Sequence[int] | None = None,
