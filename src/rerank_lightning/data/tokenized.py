@@ -98,7 +98,8 @@ def tokenize_batch(records: Sequence[TrainRecord], formatter: PairFormatter) -> 
         return [x[:limit] for x in ids]
 
     prompts = [formatter.prompt if r.prompt is None else r.prompt for r in records]
-    prompt_ids = dict(zip(sorted(set(prompts)), encode(sorted(set(prompts)), "", None)))
+    unique = sorted(set(prompts))  # most records share the formatter's prompt: tokenise each prompt once
+    prompt_ids = dict(zip(unique, encode(unique, "", None)))
     return {
         "query_ids": encode([r.query for r in records], formatter.query_instruction, query_store_len(Q, P)),
         "passage_ids": encode([p for r in records for p in (*r.pos, *r.neg)], formatter.passage_instruction,
