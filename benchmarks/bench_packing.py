@@ -3,7 +3,7 @@
 Model: SmolLM2-135M's shapes (Llama: hidden 576, MLP 1536, 30 layers, 9 heads / 3 KV heads, tied
 embeddings, vocabulary of its tokenizer) with random weights (`load_causal_lm` with `random_init`,
 seed 0): speed does not depend on the weights. fp32, sdpa attention, train mode. 4 of the 30 layers
-for most rows (time), and the issue's case (WikiQA, B=1, P=128) on all 30: every layer costs both
+for most rows (time), and the issue's case (WikiQA, P=128, B=1 and B=4) on all 30: every layer costs both
 variants alike, but per-step costs that do not grow with layers (the tied embedding's 108 MiB gradient
 is zeroed and filled each step) weigh more in 4 layers than in 30.
 Data: WikiQA (`../shared/data/wikiqa/train_flag.jsonl`, the issue's lengths: passages of 23 words on
