@@ -13,6 +13,7 @@ from rerank_lightning.data.instruction import pad_batch
 from rerank_lightning.data import packing
 from rerank_lightning.data.packing import balanced_rows, pack_pairs, pack_rows
 from rerank_lightning.model import RerankerModule, answer_logits, score_positions
+from rerank_lightning.model import tiled_attention
 from rerank_lightning.model.losses import listwise_ce
 from rerank_lightning.model.scoring import answer_label_ids, packed_answer_logits, packed_attention_mask, packed_order
 
@@ -229,11 +230,16 @@ def tiny_module(micro_batch_size=None):
     return module.train()
 
 
-@pytest.mark.parametrize("micro_batch_size", [None, 2])
-def test_packed_batch_gives_the_padded_loss_and_gradients(mistral_tokenizer, micro_batch_size):
+@pytest.mark.parametrize("micro_batch_size, packed_length", [(None, 64), (2, 64), (None, 1024)])
+def test_packed_batch_gives_the_padded_loss_and_gradients(mistral_tokenizer, micro_batch_size, packed_length,
+                                                          monkeypatch):
+    """Rows of 64 tokens attend through sdpa's dense masks; one row of all 12 pairs through the tiled path."""
+    plans = []
+    plan = tiled_attention.tile_plan
+    monkeypatch.setattr(tiled_attention, "tile_plan", lambda mask: plans.append(plan(mask)) or plans[-1])
     features = groups()
     padded = RerankCollator(mistral_tokenizer)(features)
-    packed = RerankCollator(mistral_tokenizer, packing=True, packed_length=64)(features)
+    packed = RerankCollator(mistral_tokenizer, packing=True, packed_length=packed_length)(features)
     assert packed["pair"]["input_ids"].numel() < padded["pair"]["input_ids"].numel()
     own = int((packed["pair"]["pair_ids"] >= 0).sum())  # tokens held per pair: fewer than the pairs' tokens
     assert own == sum(len(e["input_ids"]) - 6 for g in features for e in g)  # each group's 6-token prefix is shared
@@ -249,6 +255,8 @@ def test_packed_batch_gives_the_padded_loss_and_gradients(mistral_tokenizer, mic
         loss.backward()
         results.append((scores.detach(), loss.detach(), {n: p.grad for n, p in module.named_parameters()}))
     (s0, l0, g0), (s1, l1, g1) = results
+    tiled = [p for p in plans if p is not None]
+    assert len(tiled) == (TINY_MODEL["random_init"]["num_hidden_layers"] if packed_length == 1024 else 0)
     torch.testing.assert_close(s1, s0, atol=ATOL, rtol=0)
     torch.testing.assert_close(l1, l0, atol=ATOL, rtol=0)
     assert len(g0) > 10

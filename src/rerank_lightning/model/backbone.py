@@ -13,6 +13,8 @@ from typing import Any, Mapping
 import torch
 from transformers import SentencePieceBackend
 
+from .tiled_attention import SDPA_TILED
+
 log = logging.getLogger(__name__)
 
 # Every model load passes these. transformers 5.25 turns Hub kernels on by default: layers replaced by code
@@ -194,7 +196,11 @@ def load_tokenizer(cfg: Mapping[str, Any]) -> Any:
 
 
 def load_causal_lm(cfg: Mapping[str, Any], vocab_size: int) -> torch.nn.Module:
-    """The causal LM: random weights from `random_init`, else pretrained (hub, local or packaged GGUF)."""
+    """The causal LM: random weights from `random_init`, else pretrained (hub, local or packaged GGUF).
+
+    Asked for sdpa, the model attends through `tiled_attention.SDPA_TILED`: sdpa's results, skipping the
+    empty tiles of packed rows' masks (`data.packing`); every other call is sdpa's own.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = getattr(torch, cfg.get("dtype") or "float32")
@@ -212,6 +218,8 @@ def load_causal_lm(cfg: Mapping[str, Any], vocab_size: int) -> torch.nn.Module:
         if cfg.get("gguf_file"):
             _forget_gguf_quantization(lm)
     lm.config.use_cache = False
+    if attn == "sdpa":  # set after loading, which checks that the model supports sdpa
+        lm.config._attn_implementation = SDPA_TILED
     return lm
 
 

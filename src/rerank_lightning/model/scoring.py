@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .tiled_attention import SDPA_TILED
+
 IGNORE_INDEX = -100
 MASKED_ATTENTION = ("sdpa", "eager")  # the attn_implementations that take `packed_attention_mask`'s masks
 
@@ -70,7 +72,7 @@ def packed_attention_mask(lm: torch.nn.Module, position_ids: torch.Tensor,
     sdpa takes boolean masks, eager additive ones; flash and flex attention take neither.
     """
     config = lm.config
-    impl = config._attn_implementation
+    impl = "sdpa" if config._attn_implementation == SDPA_TILED else config._attn_implementation
     if impl not in MASKED_ATTENTION:
         raise ValueError(f"packed rows with shared query prefixes need attn_implementation sdpa or eager, "
                          f"not {impl!r}; set data.share_query_prefix=false (pairs then pack one to a chunk)")

@@ -1,0 +1,128 @@
+"""`model/tiled_attention.py`: sdpa over the non-empty tiles of packed rows' masks gives sdpa's outputs
+and gradients (fp32), runs where it saves work and leaves every other call to sdpa itself."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from conftest import TINY_MODEL
+from rerank_lightning.data.instruction import pad_batch
+from rerank_lightning.data.packing import pack_pairs
+from rerank_lightning.model import answer_logits, load_causal_lm, score_positions
+from rerank_lightning.model import tiled_attention
+from rerank_lightning.model.scoring import packed_answer_logits, packed_attention_mask, packed_order
+from rerank_lightning.model.tiled_attention import SDPA_TILED, tiled_sdpa
+
+ATOL = 1e-5
+LONG = [43, 18, 27, 61, 21, 36, 24, 30]  # a group of 8 pairs' own tokens, after their shared prefix
+
+
+class Attention(torch.nn.Module):  # what transformers' attention functions read from the layer
+    num_key_value_groups = 2
+    is_causal = True
+
+
+def grouped_pairs(n_groups=2, prefix_len=11, lengths=LONG, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    seqs, groups = [], []
+    for k in range(n_groups):
+        prefix = torch.randint(3, 100, (prefix_len,), generator=g).tolist()
+        for n in lengths:
+            seqs.append(prefix + torch.randint(3, 100, (n,), generator=g).tolist())
+            groups.append(k)
+    return seqs, groups
+
+
+def packed_rows(budget=512):
+    seqs, groups = grouped_pairs()
+    return seqs, pack_pairs(seqs, [len(s) - 1 for s in seqs], pad_value=0, budget=budget, multiple=8, groups=groups)
+
+
+@pytest.fixture()
+def plans(monkeypatch):
+    """The tile plans `tiled_sdpa` made (None: it left the call to sdpa)."""
+    made = []
+
+    def spy(mask):
+        made.append(plan(mask))
+        return made[-1]
+
+    plan = tiled_attention.tile_plan
+    monkeypatch.setattr(tiled_attention, "tile_plan", spy)
+    return made
+
+
+def mask_config(sliding_window=None):
+    return type("LM", (), {"config": transformers.LlamaConfig(sliding_window=sliding_window)})()
+
+
+@pytest.mark.parametrize("window", [None, 9])
+def test_tiled_sdpa_gives_sdpa_outputs_and_gradients_on_packed_rows(plans, window):
+    _, packed = packed_rows()
+    lm = mask_config(window)
+    lm.config._attn_implementation = "sdpa"
+    mask = packed_attention_mask(lm, packed["position_ids"], packed["pair_ids"])
+    rows, width = packed["input_ids"].shape
+    assert width % tiled_attention.TILE  # the tiled path pads the row to whole tiles
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(rows, heads, width, 16, generator=g, requires_grad=True) for heads in (4, 2, 2)]
+    upstream = torch.randn(rows, width, 4, 16, generator=g)
+    results = []
+    for attention in (transformers.integrations.sdpa_attention.sdpa_attention_forward, tiled_sdpa):
+        out, _ = attention(Attention(), *inputs, mask, scaling=0.25)
+        grads = torch.autograd.grad((out * upstream).sum(), inputs)
+        results.append((out, grads))
+    (want, want_grads), (got, got_grads) = results
+    assert len(plans) == 1 and plans[0] is not None  # the tiled path ran
+    order, nonempty = plans[0]
+    assert order.shape[-1] * 2 <= order.shape[1]  # it computed at most half the dense products
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    for got_grad, want_grad in zip(got_grads, want_grads):
+        torch.testing.assert_close(got_grad, want_grad, atol=ATOL, rtol=0)
+
+
+def test_tiled_sdpa_leaves_a_dense_causal_mask_to_sdpa(plans):
+    width = 96
+    causal = torch.ones(width, width, dtype=torch.bool).tril()[None, None].expand(2, 1, width, width)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, heads, width, 16, generator=g) for heads in (4, 2, 2))
+    want, _ = transformers.integrations.sdpa_attention.sdpa_attention_forward(Attention(), q, k, v, causal)
+    got, _ = tiled_sdpa(Attention(), q, k, v, causal)
+    assert plans == [None]  # a query tile near the end needs every key tile: nothing to skip
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("arch, extra", [
+    ("llama", {}), ("mistral", dict(sliding_window=9)),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=9, max_window_layers=1)), ("gemma", {})])
+def test_packed_scores_through_tiled_attention_equal_padded_scores(plans, arch, extra):
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model(
+        arch, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100, max_position_embeddings=512, head_dim=16, **extra)
+    lm = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    seqs, packed = packed_rows()
+    ids = pad_batch(seqs, 0, "left", 8)
+    mask = pad_batch([[1] * len(s) for s in seqs], 0, "left", 8)
+    with torch.no_grad():
+        padded = answer_logits(lm, ids, mask, score_positions(mask))
+        lm.config._attn_implementation = SDPA_TILED
+        got = packed_answer_logits(lm, packed["input_ids"], packed["position_ids"], packed["scored_pair"],
+                                   packed["pair_ids"])[packed_order(packed["scored_pair"])]
+    assert plans and all(plan is not None for plan in plans)  # every layer took the tiled path
+    torch.testing.assert_close(got, padded, atol=ATOL, rtol=0)
+
+
+def test_load_causal_lm_attends_through_tiled_sdpa_and_saves_a_plain_config(tmp_path):
+    lm = load_causal_lm(TINY_MODEL, vocab_size=128)
+    assert lm.config._attn_implementation == SDPA_TILED
+    lm.save_pretrained(tmp_path)
+    assert SDPA_TILED not in (tmp_path / "config.json").read_text()
+    assert "attn_implementation" not in json.loads((tmp_path / "config.json").read_text())
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.config._attn_implementation == "sdpa"
+    eager = load_causal_lm({**TINY_MODEL, "attn_implementation": "eager"}, vocab_size=128)
+    assert eager.config._attn_implementation == "eager"
