@@ -11,9 +11,10 @@ average) and MS MARCO passages (`../shared/data/trec_dl20/train_flag_pos2_neg0.j
 judged passages as training groups: 61 words on average, up to 184) through the project's pipeline
 with SmolLM2's tokenizer: `TrainDatasetForReranker` (Q=32, P=128 or 512, G=8) and `RerankCollator`, B=1 query a
 batch (data=instruction's default) and B=4 (FlagEmbedding-style, 32 pairs a step), left padding to a
-multiple of 8 (padded) or `pack_pairs` rows of at most 256 tokens (packed: `data.packed_length`'s
+multiple of 8 (padded) or `pack_pairs` rows of at most 1024 tokens (packed: `data.packed_length`'s
 default, each group's common prefix `[BOS] A: query \n B:` once per row, `data.share_query_prefix`'s
-default). The same seeded batches for both variants.
+default; attention skips the empty tiles of the rows' masks, `model/tiled_attention.py`). The same seeded
+batches for both variants.
 Step: `RerankerModule.score_logits` + listwise CE + backward (no optimiser step: the same for both).
 tokens/s counts the pairs' tokens (`real_tokens`: what padded rows hold besides padding; a packed pair
 counts whole though its prefix is shared), so both variants count the same work. Each variant runs in

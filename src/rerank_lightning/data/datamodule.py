@@ -54,7 +54,7 @@ class RerankDataModule(L.LightningDataModule):
         recipe: str = "instruction",
         cache_dir: str | None = default_cache_dir(),
         packing: bool = False,
-        packed_length: int = 256,
+        packed_length: int = 1024,
         share_query_prefix: bool = True,
     ):
         super().__init__()

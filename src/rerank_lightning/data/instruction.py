@@ -106,7 +106,7 @@ class RerankCollator:
     label_pad_token_id: int = IGNORE_INDEX
     return_tensors: str = "pt"
     packing: bool = False
-    packed_length: int = 256  # tokens per packed row (a longer pair gets a row of its own)
+    packed_length: int = 1024  # tokens per packed row (a longer pair gets a row of its own)
     share_query_prefix: bool = True  # packed rows hold a group's common prefix once (data.packing)
     pad_id: int = field(init=False)
 

@@ -105,7 +105,7 @@ def balanced_rows(lengths: Sequence[int], budget: int, groups: Sequence[int] | N
 
 
 def pack_pairs(sequences: Sequence[Sequence[int]], score_at: Sequence[int], pad_value: int,
-               budget: int = 256, multiple: int | None = 8,
+               budget: int = 1024, multiple: int | None = 8,
                labels: Sequence[Sequence[int]] | None = None, label_pad: int = IGNORE_INDEX,
                groups: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
     """Pairs packed into rows of at most `budget` tokens (`pack_rows`), right-padded to a common width (a
