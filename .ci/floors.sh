@@ -32,4 +32,4 @@ fi
 # PYTHONPATH: this checkout's code, whichever checkout the shared venv's editable install points to.
 PYTHONPATH="$PWD/src" RERANK_LIGHTNING_CACHE="$VENV/cache" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false "$VENV/bin/python" -m pytest -q -m "not slow" \
     tests/test_matryoshka_model.py tests/test_module.py tests/test_scoring.py tests/test_tokenized.py \
-    tests/test_compat.py tests/test_distributed.py tests/test_packing.py "$@"
+    tests/test_compat.py tests/test_distributed.py tests/test_packing.py tests/test_tiled_attention.py "$@"
