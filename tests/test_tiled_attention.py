@@ -59,8 +59,10 @@ def mask_config(sliding_window=None):
     return type("LM", (), {"config": transformers.LlamaConfig(sliding_window=sliding_window)})()
 
 
-@pytest.mark.parametrize("window", [None, 9])
-def test_tiled_sdpa_gives_sdpa_outputs_and_gradients_on_packed_rows(plans, window):
+@pytest.mark.parametrize("window, masked_gqa", [(None, True), (9, True), (None, False)])
+def test_tiled_sdpa_gives_sdpa_outputs_and_gradients_on_packed_rows(plans, window, masked_gqa, monkeypatch):
+    """masked_gqa False: key and value heads repeated first, as on CUDA."""
+    monkeypatch.setattr(tiled_attention, "_masked_gqa", lambda device: masked_gqa)
     _, packed = packed_rows()
     lm = mask_config(window)
     lm.config._attn_implementation = "sdpa"

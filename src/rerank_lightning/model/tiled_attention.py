@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 SDPA_TILED = "rerank_lightning_sdpa_tiled"
@@ -60,6 +60,9 @@ def tiled_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     order, nonempty = plan
     n, k = order.shape[1:]
+    gqa = key.shape[1] != heads and _masked_gqa(query.device)
+    if key.shape[1] != heads and not gqa:
+        key, value = repeat_kv(key, heads // key.shape[1]), repeat_kv(value, heads // value.shape[1])
     if pad:
         query, key, value = (F.pad(x, (0, 0, 0, pad)) for x in (query, key, value))
     picked = (order + n * torch.arange(rows, device=order.device)[:, None, None]).flatten()
@@ -75,8 +78,14 @@ def tiled_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
     tile_mask = torch.gather(tile_mask, 2, order[..., None, None].expand(-1, -1, -1, TILE, TILE))
     tile_mask = (tile_mask & nonempty[..., None, None]).transpose(2, 3).reshape(rows * n, 1, TILE, k * TILE)
     out = F.scaled_dot_product_attention(tiles(query), gathered(key), gathered(value), attn_mask=tile_mask,
-                                         scale=scaling, enable_gqa=key.shape[1] != heads)
+                                         scale=scaling, enable_gqa=gqa)
     return out.view(rows, n, heads, TILE, dim).transpose(2, 3).reshape(rows, n * TILE, heads, dim)[:, :width], None
+
+
+def _masked_gqa(device: torch.device) -> bool:
+    """Whether sdpa takes fewer key/value heads than query heads beside a mask without slowing down: on CPU;
+    CUDA's fast kernels take them without a mask only, so there the heads are repeated first."""
+    return device.type == "cpu"
 
 
 def _tileable(query: torch.Tensor, mask: torch.Tensor | None, dropout: float, kwargs: dict) -> bool:
