@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from . import instruction, matryoshka
 from .candidates import CandidatePairs, collate_candidates, load_beir_rerank, load_candidate_lists
 from .formatting import FormatConfigError
+from .packing import PACKED_LENGTH
 from .sampling import GroupSampler
 from .tokenized import default_cache_dir
 
@@ -54,7 +55,7 @@ class RerankDataModule(L.LightningDataModule):
         recipe: str = "instruction",
         cache_dir: str | None = default_cache_dir(),
         packing: bool = False,
-        packed_length: int = 1024,
+        packed_length: int = PACKED_LENGTH,
         share_query_prefix: bool = True,
     ):
         super().__init__()

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .formatting import DEFAULT_PROMPT, PairFormatter, pad_token_id
-from .packing import IGNORE_INDEX, pack_pairs, score_token_index
+from .packing import IGNORE_INDEX, PACKED_LENGTH, pack_pairs, score_token_index
 from .padding import pad_batch, real_token_mask
 from .tokenized import PretokenizedGroups, default_cache_dir
 
@@ -106,7 +106,7 @@ class RerankCollator:
     label_pad_token_id: int = IGNORE_INDEX
     return_tensors: str = "pt"
     packing: bool = False
-    packed_length: int = 1024  # tokens per packed row (a longer pair gets a row of its own)
+    packed_length: int = PACKED_LENGTH  # tokens per packed row (a longer pair gets a row of its own)
     share_query_prefix: bool = True  # packed rows hold a group's common prefix once (data.packing)
     pad_id: int = field(init=False)
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 IGNORE_INDEX = -100
+PACKED_LENGTH = 1024  # tokens per packed row by default (data.packed_length)
 
 
 def score_token_index(length: int, labels: Sequence[int] | None, ignore: int = IGNORE_INDEX) -> int:
@@ -105,7 +106,7 @@ def balanced_rows(lengths: Sequence[int], budget: int, groups: Sequence[int] | N
 
 
 def pack_pairs(sequences: Sequence[Sequence[int]], score_at: Sequence[int], pad_value: int,
-               budget: int = 1024, multiple: int | None = 8,
+               budget: int = PACKED_LENGTH, multiple: int | None = 8,
                labels: Sequence[Sequence[int]] | None = None, label_pad: int = IGNORE_INDEX,
                groups: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
     """Pairs packed into rows of at most `budget` tokens (`pack_rows`), right-padded to a common width (a
