@@ -50,3 +50,33 @@ def tiny_model_cfg() -> dict:
     import copy
 
     return copy.deepcopy(TINY_MODEL)
+
+
+def group_pairs(lengths, prefix_len, n_groups=2, seed=3):
+    """`n_groups` groups of random token ids: each group's pairs begin with its `prefix_len` tokens (a query),
+    then differ (`lengths`: each pair's own tokens)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    seqs, groups = [], []
+    for k in range(n_groups):
+        prefix = torch.randint(3, 100, (prefix_len,), generator=g).tolist()
+        for n in lengths:
+            seqs.append(prefix + torch.randint(3, 100, (n,), generator=g).tolist())
+            groups.append(k)
+    return seqs, groups
+
+
+@pytest.fixture()
+def tile_plans(monkeypatch) -> list:
+    """The tile plans `model.tiled_attention.tiled_sdpa` made during the test (None: it left the call to sdpa)."""
+    from rerank_lightning.model import tiled_attention
+
+    made, plan = [], tiled_attention.tile_plan
+
+    def spy(mask):
+        made.append(plan(mask))
+        return made[-1]
+
+    monkeypatch.setattr(tiled_attention, "tile_plan", spy)
+    return made

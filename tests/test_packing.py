@@ -6,14 +6,13 @@ import pytest
 import torch
 import transformers
 
-from conftest import ROOT, TINY_MODEL
+from conftest import ROOT, TINY_MODEL, group_pairs
 from rerank_lightning.data import RerankCollator, RerankDataModule
 from rerank_lightning.data.formatting import FormatConfigError
 from rerank_lightning.data.instruction import pad_batch
 from rerank_lightning.data import packing
 from rerank_lightning.data.packing import balanced_rows, pack_pairs, pack_rows
 from rerank_lightning.model import RerankerModule, answer_logits, score_positions
-from rerank_lightning.model import tiled_attention
 from rerank_lightning.model.losses import listwise_ce
 from rerank_lightning.model.scoring import answer_label_ids, packed_answer_logits, packed_attention_mask, packed_order
 
@@ -129,20 +128,8 @@ def test_packed_scores_would_differ_if_pairs_saw_each_other():
     assert (right - leaky).abs().max() > 1e-2
 
 
-def group_pairs(prefix_len=7, lengths=LENGTHS, n_groups=2, seed=3):
-    """`n_groups` groups of pairs that begin with their group's `prefix_len` tokens (a query), then differ."""
-    g = torch.Generator().manual_seed(seed)
-    seqs, groups = [], []
-    for k in range(n_groups):
-        prefix = torch.randint(3, 100, (prefix_len,), generator=g).tolist()
-        for n in lengths:
-            seqs.append(prefix + torch.randint(3, 100, (n,), generator=g).tolist())
-            groups.append(k)
-    return seqs, groups
-
-
 def test_shared_prefix_rows_hold_a_groups_prefix_once_per_row():
-    seqs, groups = group_pairs()
+    seqs, groups = group_pairs(LENGTHS, 7)
     labels = [[-100] * (len(s) - 1) + [YES] for s in seqs]
     score_at = [len(s) - 2 for s in seqs]
     packed = pack_pairs(seqs, score_at, pad_value=0, budget=48, multiple=8, labels=labels, groups=groups)
@@ -171,7 +158,7 @@ def test_shared_prefix_rows_hold_a_groups_prefix_once_per_row():
 def test_shared_prefix_scores_equal_padded_scores(arch):
     """The prefix (7 tokens) is longer than the sliding windows (5): windowed layers must cut across it."""
     lm = make_lm(arch)
-    seqs, groups = group_pairs()
+    seqs, groups = group_pairs(LENGTHS, 7)
     ids = pad_batch(seqs, 0, "left", 8)
     mask = pad_batch([[1] * len(s) for s in seqs], 0, "left", 8)
     packed = pack_pairs(seqs, [len(s) - 1 for s in seqs], pad_value=0, budget=48, multiple=8, groups=groups)
@@ -187,7 +174,7 @@ def test_shared_prefix_scores_equal_padded_scores(arch):
 def test_shared_prefix_scores_would_differ_if_pairs_saw_each_other(arch):
     """Guard for the check above: if a chunk's pairs all saw each other, scores change."""
     lm = make_lm(arch)
-    seqs, groups = group_pairs()
+    seqs, groups = group_pairs(LENGTHS, 7)
     packed = pack_pairs(seqs, [len(s) - 1 for s in seqs], pad_value=0, budget=48, multiple=8, groups=groups)
     args = (lm, packed["input_ids"], packed["position_ids"], packed["scored_pair"])
     with torch.no_grad():
@@ -199,7 +186,7 @@ def test_shared_prefix_scores_would_differ_if_pairs_saw_each_other(arch):
 def test_shared_prefix_refuses_attention_that_takes_no_mask():
     lm = make_lm("llama")
     lm.set_attn_implementation("flex_attention")
-    seqs, groups = group_pairs()
+    seqs, groups = group_pairs(LENGTHS, 7)
     packed = pack_pairs(seqs, [len(s) - 1 for s in seqs], pad_value=0, budget=48, multiple=8, groups=groups)
     with pytest.raises(ValueError, match="need attn_implementation sdpa or eager, not 'flex_attention'; "
                                          "set data.share_query_prefix=false"):
@@ -232,11 +219,8 @@ def tiny_module(micro_batch_size=None):
 
 @pytest.mark.parametrize("micro_batch_size, packed_length", [(None, 64), (2, 64), (None, 1024)])
 def test_packed_batch_gives_the_padded_loss_and_gradients(mistral_tokenizer, micro_batch_size, packed_length,
-                                                          monkeypatch):
+                                                          tile_plans):
     """Rows of 64 tokens attend through sdpa's dense masks; one row of all 12 pairs through the tiled path."""
-    plans = []
-    plan = tiled_attention.tile_plan
-    monkeypatch.setattr(tiled_attention, "tile_plan", lambda mask: plans.append(plan(mask)) or plans[-1])
     features = groups()
     padded = RerankCollator(mistral_tokenizer)(features)
     packed = RerankCollator(mistral_tokenizer, packing=True, packed_length=packed_length)(features)
@@ -255,7 +239,7 @@ def test_packed_batch_gives_the_padded_loss_and_gradients(mistral_tokenizer, mic
         loss.backward()
         results.append((scores.detach(), loss.detach(), {n: p.grad for n, p in module.named_parameters()}))
     (s0, l0, g0), (s1, l1, g1) = results
-    tiled = [p for p in plans if p is not None]
+    tiled = [p for p in tile_plans if p is not None]
     assert len(tiled) == (TINY_MODEL["random_init"]["num_hidden_layers"] if packed_length == 1024 else 0)
     torch.testing.assert_close(s1, s0, atol=ATOL, rtol=0)
     torch.testing.assert_close(l1, l0, atol=ATOL, rtol=0)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, group_pairs
 from rerank_lightning.data.instruction import pad_batch
 from rerank_lightning.data.packing import pack_pairs
 from rerank_lightning.model import answer_logits, load_causal_lm, score_positions
@@ -25,34 +25,9 @@ class Attention(torch.nn.Module):  # what transformers' attention functions read
     is_causal = True
 
 
-def grouped_pairs(n_groups=2, prefix_len=11, lengths=LONG, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    seqs, groups = [], []
-    for k in range(n_groups):
-        prefix = torch.randint(3, 100, (prefix_len,), generator=g).tolist()
-        for n in lengths:
-            seqs.append(prefix + torch.randint(3, 100, (n,), generator=g).tolist())
-            groups.append(k)
-    return seqs, groups
-
-
 def packed_rows(budget=512):
-    seqs, groups = grouped_pairs()
+    seqs, groups = group_pairs(LONG, 11)
     return seqs, pack_pairs(seqs, [len(s) - 1 for s in seqs], pad_value=0, budget=budget, multiple=8, groups=groups)
-
-
-@pytest.fixture()
-def plans(monkeypatch):
-    """The tile plans `tiled_sdpa` made (None: it left the call to sdpa)."""
-    made = []
-
-    def spy(mask):
-        made.append(plan(mask))
-        return made[-1]
-
-    plan = tiled_attention.tile_plan
-    monkeypatch.setattr(tiled_attention, "tile_plan", spy)
-    return made
 
 
 def mask_config(sliding_window=None):
@@ -60,7 +35,7 @@ def mask_config(sliding_window=None):
 
 
 @pytest.mark.parametrize("window, masked_gqa", [(None, True), (9, True), (None, False)])
-def test_tiled_sdpa_gives_sdpa_outputs_and_gradients_on_packed_rows(plans, window, masked_gqa, monkeypatch):
+def test_tiled_sdpa_gives_sdpa_outputs_and_gradients_on_packed_rows(tile_plans, window, masked_gqa, monkeypatch):
     """masked_gqa False: key and value heads repeated first, as on CUDA."""
     monkeypatch.setattr(tiled_attention, "_masked_gqa", lambda device: masked_gqa)
     _, packed = packed_rows()
@@ -78,29 +53,29 @@ def test_tiled_sdpa_gives_sdpa_outputs_and_gradients_on_packed_rows(plans, windo
         grads = torch.autograd.grad((out * upstream).sum(), inputs)
         results.append((out, grads))
     (want, want_grads), (got, got_grads) = results
-    assert len(plans) == 1 and plans[0] is not None  # the tiled path ran
-    order, nonempty = plans[0]
+    assert len(tile_plans) == 1 and tile_plans[0] is not None  # the tiled path ran
+    order, nonempty = tile_plans[0]
     assert order.shape[-1] * 2 <= order.shape[1]  # it computed at most half the dense products
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
     for got_grad, want_grad in zip(got_grads, want_grads):
         torch.testing.assert_close(got_grad, want_grad, atol=ATOL, rtol=0)
 
 
-def test_tiled_sdpa_leaves_a_dense_causal_mask_to_sdpa(plans):
+def test_tiled_sdpa_leaves_a_dense_causal_mask_to_sdpa(tile_plans):
     width = 96
     causal = torch.ones(width, width, dtype=torch.bool).tril()[None, None].expand(2, 1, width, width)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, heads, width, 16, generator=g) for heads in (4, 2, 2))
     want, _ = transformers.integrations.sdpa_attention.sdpa_attention_forward(Attention(), q, k, v, causal)
     got, _ = tiled_sdpa(Attention(), q, k, v, causal)
-    assert plans == [None]  # a query tile near the end needs every key tile: nothing to skip
+    assert tile_plans == [None]  # a query tile near the end needs every key tile: nothing to skip
     assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("arch, extra", [
     ("llama", {}), ("mistral", dict(sliding_window=9)),
     ("qwen2", dict(use_sliding_window=True, sliding_window=9, max_window_layers=1)), ("gemma", {})])
-def test_packed_scores_through_tiled_attention_equal_padded_scores(plans, arch, extra):
+def test_packed_scores_through_tiled_attention_equal_padded_scores(tile_plans, arch, extra):
     torch.manual_seed(0)
     cfg = transformers.AutoConfig.for_model(
         arch, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -114,7 +89,7 @@ def test_packed_scores_through_tiled_attention_equal_padded_scores(plans, arch, 
         lm.config._attn_implementation = SDPA_TILED
         got = packed_answer_logits(lm, packed["input_ids"], packed["position_ids"], packed["scored_pair"],
                                    packed["pair_ids"])[packed_order(packed["scored_pair"])]
-    assert plans and all(plan is not None for plan in plans)  # every layer took the tiled path
+    assert tile_plans and all(plan is not None for plan in tile_plans)  # every layer took the tiled path
     torch.testing.assert_close(got, padded, atol=ATOL, rtol=0)
 
 
