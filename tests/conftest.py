@@ -69,14 +69,15 @@ def group_pairs(lengths, prefix_len, n_groups=2, seed=3):
 
 @pytest.fixture()
 def tile_plans(monkeypatch) -> list:
-    """The tile plans `model.tiled_attention.tiled_sdpa` made during the test (None: it left the call to sdpa)."""
+    """The tile plan each `model.tiled_attention.tiled_sdpa` call of the test attended under, in order (None:
+    it left the call to sdpa); calls that `_tileable` sends to sdpa straight away are not listed."""
     from rerank_lightning.model import tiled_attention
 
-    made, plan = [], tiled_attention.tile_plan
+    used, plan_for = [], tiled_attention.plan_for
 
     def spy(mask):
-        made.append(plan(mask))
-        return made[-1]
+        used.append(plan_for(mask))
+        return used[-1]
 
-    monkeypatch.setattr(tiled_attention, "tile_plan", spy)
-    return made
+    monkeypatch.setattr(tiled_attention, "plan_for", spy)
+    return used

@@ -54,8 +54,7 @@ def test_tiled_sdpa_gives_sdpa_outputs_and_gradients_on_packed_rows(tile_plans, 
         results.append((out, grads))
     (want, want_grads), (got, got_grads) = results
     assert len(tile_plans) == 1 and tile_plans[0] is not None  # the tiled path ran
-    order, nonempty = tile_plans[0]
-    assert order.shape[-1] * 2 <= order.shape[1]  # it computed at most half the dense products
+    assert tile_plans[0].order.shape[-1] * 2 <= tile_plans[0].order.shape[1]  # at most half the dense products
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
     for got_grad, want_grad in zip(got_grads, want_grads):
         torch.testing.assert_close(got_grad, want_grad, atol=ATOL, rtol=0)
@@ -75,7 +74,10 @@ def test_tiled_sdpa_leaves_a_dense_causal_mask_to_sdpa(tile_plans):
 @pytest.mark.parametrize("arch, extra", [
     ("llama", {}), ("mistral", dict(sliding_window=9)),
     ("qwen2", dict(use_sliding_window=True, sliding_window=9, max_window_layers=1)), ("gemma", {})])
-def test_packed_scores_through_tiled_attention_equal_padded_scores(tile_plans, arch, extra):
+def test_packed_scores_through_tiled_attention_equal_padded_scores(tile_plans, arch, extra, monkeypatch):
+    """Every layer attends through tiles, under a plan made once per mask (Qwen2 here has two: full and windowed)."""
+    made, make = [], tiled_attention.tile_plan
+    monkeypatch.setattr(tiled_attention, "tile_plan", lambda mask: made.append(mask) or make(mask))
     torch.manual_seed(0)
     cfg = transformers.AutoConfig.for_model(
         arch, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -89,8 +91,28 @@ def test_packed_scores_through_tiled_attention_equal_padded_scores(tile_plans, a
         lm.config._attn_implementation = SDPA_TILED
         got = packed_answer_logits(lm, packed["input_ids"], packed["position_ids"], packed["scored_pair"],
                                    packed["pair_ids"])[packed_order(packed["scored_pair"])]
-    assert tile_plans and all(plan is not None for plan in tile_plans)  # every layer took the tiled path
+    assert len(tile_plans) == cfg.num_hidden_layers and None not in tile_plans  # every layer took the tiled path
+    assert len(made) == len(set(getattr(cfg, "layer_types", None) or [None])) == len({id(p) for p in tile_plans})
     torch.testing.assert_close(got, padded, atol=ATOL, rtol=0)
+
+
+def test_plan_for_makes_one_plan_a_mask_and_drops_it_with_the_mask():
+    _, packed = packed_rows()
+    lm = mask_config()
+    lm.config._attn_implementation = "sdpa"
+    first, second = (packed_attention_mask(lm, packed["position_ids"], packed["pair_ids"]) for _ in range(2))
+    second[0, 0, 40, :40] = False  # token 40 sees itself only: a different plan
+    plans = [tiled_attention.plan_for(mask) for mask in (first, second, first, second)]
+    assert plans[0] is plans[2] and plans[1] is plans[3] and plans[0] is not plans[1]
+    assert not torch.equal(plans[0].tile_mask, plans[1].tile_mask)
+    for got, mask in zip(plans[:2], (first, second)):
+        want = tiled_attention.tile_plan(mask)
+        assert got.pad == want.pad and all(torch.equal(getattr(got, field), getattr(want, field))
+                                           for field in ("order", "picked", "tile_mask"))
+    held = len(tiled_attention._recent)
+    del first, plans
+    tiled_attention.plan_for(second)
+    assert len(tiled_attention._recent) == held - 1  # the first mask's plan went with it
 
 
 def test_load_causal_lm_attends_through_tiled_sdpa_and_saves_a_plain_config(tmp_path):
