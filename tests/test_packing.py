@@ -210,17 +210,19 @@ def groups(n_groups=3, size=4, seed=2):
     return out
 
 
-def tiny_module(micro_batch_size=None):
-    cfg = dict(TINY_MODEL, micro_batch_size=micro_batch_size)
+def tiny_module(micro_batch_size=None, gradient_checkpointing=False):
+    cfg = dict(TINY_MODEL, micro_batch_size=micro_batch_size, gradient_checkpointing=gradient_checkpointing)
     module = RerankerModule(cfg, YES, NO, 32000)
     module.configure_model()
     return module.train()
 
 
-@pytest.mark.parametrize("micro_batch_size, packed_length", [(None, 64), (2, 64), (None, 1024)])
+@pytest.mark.parametrize("micro_batch_size, packed_length, checkpointing",
+                         [(None, 64, False), (2, 64, False), (None, 1024, False), (None, 1024, True)])
 def test_packed_batch_gives_the_padded_loss_and_gradients(mistral_tokenizer, micro_batch_size, packed_length,
-                                                          tile_plans):
-    """Rows of 64 tokens attend through sdpa's dense masks; one row of all 12 pairs through the tiled path."""
+                                                          checkpointing, tile_plans):
+    """Rows of 64 tokens attend through sdpa's dense masks; one row of all 12 pairs through the tiled path,
+    whose layers (and their recomputation under activation checkpointing) share one tile plan."""
     features = groups()
     padded = RerankCollator(mistral_tokenizer)(features)
     packed = RerankCollator(mistral_tokenizer, packing=True, packed_length=packed_length)(features)
@@ -231,7 +233,7 @@ def test_packed_batch_gives_the_padded_loss_and_gradients(mistral_tokenizer, mic
     assert "pair_ids" not in unshared["pair"]
     results = []
     for batch in (padded, packed):
-        module = tiny_module(micro_batch_size)
+        module = tiny_module(micro_batch_size, checkpointing)
         logits = module.score_logits(batch["pair"])
         scores = logits[:, YES].view(-1, batch["group_size"])
         pointwise = torch.nn.functional.cross_entropy(logits, answer_label_ids(batch["pair"]))
@@ -240,7 +242,9 @@ def test_packed_batch_gives_the_padded_loss_and_gradients(mistral_tokenizer, mic
         results.append((scores.detach(), loss.detach(), {n: p.grad for n, p in module.named_parameters()}))
     (s0, l0, g0), (s1, l1, g1) = results
     tiled = [p for p in tile_plans if p is not None]
-    assert len(tiled) == (TINY_MODEL["random_init"]["num_hidden_layers"] if packed_length == 1024 else 0)
+    calls = TINY_MODEL["random_init"]["num_hidden_layers"] * (2 if checkpointing else 1)  # recomputed in backward
+    assert len(tiled) == (calls if packed_length == 1024 else 0)
+    assert len({id(plan) for plan in tiled}) == (packed_length == 1024)
     torch.testing.assert_close(s1, s0, atol=ATOL, rtol=0)
     torch.testing.assert_close(l1, l0, atol=ATOL, rtol=0)
     assert len(g0) > 10

@@ -56,7 +56,7 @@ def tile_plan(mask: torch.Tensor) -> TilePlan | None:
     n = (width + pad) // TILE
     tiled = mask.view(rows, n, TILE, n, TILE).transpose(2, 3)  # [R, query tile, key tile, TILE, TILE]
     nonempty = tiled.any(-1).any(-1)
-    k = int(nonempty.sum(-1).max())  # the one host sync of a plan
+    k = int(nonempty.sum(-1).max())
     if k > GAIN * n:
         return None
     order = torch.sort(nonempty.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :k]
@@ -71,8 +71,9 @@ _recent: list[tuple[weakref.ref, TilePlan | None]] = []  # the plans of the mask
 
 def plan_for(mask: torch.Tensor) -> TilePlan | None:
     """`tile_plan(mask)`, made once for every layer of a forward (and gradient checkpointing's recomputation)
-    that attends under this mask: transformers hands each layer the mask tensor its forward built, which
-    nothing changes in place; a plan is dropped with its mask."""
+    that attends under this mask (so its host syncs happen once per mask, not per layer): transformers hands
+    each layer the mask tensor its forward built, which nothing changes in place; a plan is dropped with
+    its mask."""
     _recent[:] = [(ref, plan) for ref, plan in _recent if ref() is not None]
     for ref, plan in _recent:
         if ref() is mask:
