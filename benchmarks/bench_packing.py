@@ -3,14 +3,15 @@
 Model: SmolLM2-135M's shapes (Llama: hidden 576, MLP 1536, 30 layers, 9 heads / 3 KV heads, tied
 embeddings, vocabulary of its tokenizer) with random weights (`load_causal_lm` with `random_init`,
 seed 0): speed does not depend on the weights. fp32, sdpa attention, train mode. 4 of the 30 layers
-for most rows (time), and the issue's case (WikiQA, P=128, B=1 and B=4) on all 30: every layer costs both
+for most rows (time), and the issue's case (WikiQA, P=128, B=1, 2 and 4) on all 30: every layer costs both
 variants alike, but per-step costs that do not grow with layers (the tied embedding's 108 MiB gradient
 is zeroed and filled each step) weigh more in 4 layers than in 30.
 Data: WikiQA (`../shared/data/wikiqa/train_flag.jsonl`, the issue's lengths: passages of 23 words on
 average) and MS MARCO passages (`../shared/data/trec_dl20/train_flag_pos2_neg0.jsonl`, TREC DL20's
 judged passages as training groups: 61 words on average, up to 184) through the project's pipeline
 with SmolLM2's tokenizer: `TrainDatasetForReranker` (Q=32, P=128 or 512, G=8) and `RerankCollator`, B=1 query a
-batch (data=instruction's default) and B=4 (FlagEmbedding-style, 32 pairs a step), left padding to a
+batch (data=instruction's default), B=2 (FlagEmbedding's README examples: 16 pairs a GPU) and B=4 (32 pairs a
+step, those examples' step over their 2 GPUs), left padding to a
 multiple of 8 (padded) or `pack_pairs` rows of at most 1024 tokens (packed: `data.packed_length`'s
 default, each group's common prefix `[BOS] A: query \n B:` once per row, `data.share_query_prefix`'s
 default; attention skips the empty tiles of the rows' masks, `model/tiled_attention.py`). The same seeded
@@ -42,8 +43,8 @@ DATA = {"WikiQA": SHARED_DATA / "wikiqa" / "train_flag.jsonl",
 SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
            "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,
            "rope_theta": 100000.0, "tie_word_embeddings": True}
-# B: queries per batch. data=instruction's default is 1; FlagEmbedding-style runs use several (B=4 x G=8 =
-# 32 pairs per step), where padding to the longest of 32 pairs costs more than to the longest of 8.
+# B: queries per batch. data=instruction's default is 1; FlagEmbedding's README examples run 2 a GPU (16
+# pairs) on 2 GPUs; padding to the longest of 16 or 32 pairs costs more than to the longest of 8.
 # steps: batches timed per variant and round, the epoch's first after a warm-up one. Which batches they are
 # moves the ratio (their padding varies: 8 B=1 batches read 1.22-1.35x), so the table also gives the whole
 # epoch's row tokens per pair token. 24 timed B=1 steps of 4 layers take ~30 s; a 30-layer B=4 step takes
@@ -52,6 +53,7 @@ FULL = [{"data": data, **size} for data in DATA for size in (
     {"P": 128, "steps": 24, "layers": 4}, {"P": 512, "steps": 24, "layers": 4},
     {"P": 128, "B": 4, "steps": 8, "layers": 4})]
 FULL += [{"data": "WikiQA", "P": 128, "steps": 8, "layers": 30},  # the issue's case on the whole model
+         {"data": "WikiQA", "P": 128, "B": 2, "steps": 10, "layers": 30},
          {"data": "WikiQA", "P": 128, "B": 4, "steps": 10, "layers": 30}]
 QUICK = [{"data": data, "P": 128, "steps": 1, "layers": 2} for data in DATA]
 ROUNDS = 3
