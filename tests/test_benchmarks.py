@@ -109,3 +109,18 @@ def test_matryoshka_run_script_splits_wikiqa_without_overlap(tmp_path, shared_da
         assert list(cl.labels) == [1] * len(record["pos"]) + [0] * len(record["neg"])
     assert len({cl.qid for cl in lists}) == len(lists)
     assert "train queries 643, held out 214" in done.stdout
+
+
+def test_packing_quick_rows_agree():
+    """bench_packing at quick sizes (2 layers, 1 step, P=512): packed and padded steps give the same losses,
+    packed rows hold fewer tokens per pair token, and the P=512 check tells WikiQA's batches (no passage
+    past 128 tokens in them) from MS MARCO's."""
+    pytest.importorskip("psutil")
+    rows = load("bench_packing").run(quick=True)
+    assert [(row["data"], row["variant"]) for row in rows] == [
+        (data, variant) for data in ("WikiQA", "MS MARCO") for variant in ("padded", "packed")]
+    for padded, packed in zip(rows[::2], rows[1::2]):
+        assert float(packed["max |loss diff|"]) < 1e-4
+        assert packed["row tokens / pair tokens"] < 1 < padded["row tokens / pair tokens"]
+        assert packed["pair tokens/s"] > 0 and padded["pair tokens/s"] > 0
+    assert [row["timed batches as at P=128"] for row in rows] == [True, True, False, False]
