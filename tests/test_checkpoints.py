@@ -6,7 +6,9 @@ The runs go through `train.py` and `python -m rerank_lightning.inference.export`
 
 from __future__ import annotations
 
+import enum
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -290,3 +292,53 @@ def test_a_save_killed_midway_leaves_no_broken_checkpoint(tmp_path, had_previous
     AtomicCheckpointIO().save_checkpoint({"state_dict": {}, "global_step": 2, "loops": {}}, target)
     assert read_checkpoint(target)["global_step"] == 2
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]  # the orphan is gone
+
+
+class EnumsByName(pickle.Pickler):
+    """Pickles an enum member as Python 3.11.0 to 3.11.4 do (Debian 12's python3 is 3.11.2): getattr(its
+    class, its name)."""
+
+    def reducer_override(self, obj):
+        return (getattr, (type(obj), obj.name)) if isinstance(obj, enum.Enum) else NotImplemented
+
+
+class GetsAttribute:
+    """A pickle that asks builtins.getattr for something other than a checkpoint enum's member."""
+
+    def __init__(self, owner, name: str):
+        self.owner, self.name = owner, name
+
+    def __reduce__(self):
+        return getattr, (self.owner, self.name)
+
+
+def sharded_checkpoint(path: Path) -> Path:
+    """A sharded checkpoint's layout, as train.py writes it under FSDP: torch.distributed.checkpoint's
+    shards and `.metadata` index, and Lightning's metadata file beside them."""
+    import torch.distributed.checkpoint as dcp
+
+    from rerank_lightning.strategies import CHECKPOINT_METADATA
+
+    dcp.save({"weight": torch.arange(6.0).view(2, 3)}, checkpoint_id=path, no_dist=True)
+    torch.save({"global_step": 2, "loops": {}}, path / CHECKPOINT_METADATA)
+    return path
+
+
+def test_a_sharded_index_pickled_by_python_3_11_2_is_read_and_only_its_enums_pass(tmp_path):
+    """The index of a sharded checkpoint saved under Python 3.11.0-3.11.4 holds builtins.getattr (how those
+    releases pickle the enum in torch's tensor metadata): resume and export read it, while a getattr for
+    anything but a member of the checkpoint metadata's enums is refused by name."""
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    ckpt = sharded_checkpoint(tmp_path / "step2.ckpt")
+    index_path = ckpt / ".metadata"
+    index = pickle.loads(index_path.read_bytes())  # written by torch.distributed.checkpoint just above
+    with index_path.open("wb") as f:
+        EnumsByName(f).dump(index)
+    assert b"getattr" in index_path.read_bytes()
+    assert read_checkpoint(ckpt)["global_step"] == 2
+    for owner, name in ((Path, "home"), (_MEM_FORMAT_ENCODING, "__class__"), (torch.Size, "__new__")):
+        index_path.write_bytes(pickle.dumps(GetsAttribute(owner, name)))
+        with pytest.raises(CheckpointError, match=r"holds pickled Python objects \(builtins\.getattr\), not only "
+                                                  r"checkpoint metadata: refused"):
+            read_checkpoint(ckpt)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copyreg
+import enum
 import logging
 import os
 import pickle
@@ -96,11 +97,17 @@ def read_checkpoint(path: str | os.PathLike, need: Iterable[str] = LIGHTNING_KEY
 class _ShardedIndexUnpickler(pickle.Unpickler):
     """Unpickles a sharded checkpoint's index (torch.distributed.checkpoint's `Metadata`, a plain pickle)
     allowing only what such an index holds: the classes of torch's checkpoint metadata, `torch.Size`,
-    dtypes, layouts and paths. Anything else is refused before it is imported or called."""
+    dtypes, layouts and paths. Anything else is refused before it is imported or called.
+
+    Python 3.11.0 to 3.11.4 (Debian 12's python3 is 3.11.2) pickle an enum member as `getattr(its class,
+    its name)`, so an index written there asks for `builtins.getattr`: it gets `_enum_member`, which
+    returns members of the checkpoint metadata's enums and nothing else."""
 
     CHECKPOINT_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("builtins", "getattr"):
+            return self._enum_member
         if module in self.CHECKPOINT_MODULES or module in ("torch", "pathlib", "torch.serialization"):
             found = super().find_class(module, name)
             if self._allowed(module, found):
@@ -115,6 +122,12 @@ class _ShardedIndexUnpickler(pickle.Unpickler):
         if module == "pathlib":
             return isinstance(found, type) and issubclass(found, os.PathLike)
         return found is copyreg.dispatch_table[torch.layout](torch.strided)[0]  # how torch pickles a layout
+
+    def _enum_member(self, cls: Any, name: Any) -> enum.Enum:
+        if (isinstance(cls, enum.EnumMeta) and cls.__module__ in self.CHECKPOINT_MODULES and isinstance(name, str)
+                and name in cls.__members__):
+            return cls[name]
+        raise pickle.UnpicklingError("Unsupported global: GLOBAL builtins.getattr")
 
 
 def _check_shards(directory: Path) -> None:
